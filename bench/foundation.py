@@ -1,0 +1,108 @@
+"""Foundation benchmark: SmolLM2-135M, WikiText-2 test, seqlen 2048, first 8 windows.
+
+Base model; RTN and HQQ at 4-bit g64/g128 and 3-bit g64/g128 (sensiquant defaults: integer zero points, HQQ with
+scale update and L2 guard); plus the hqq package at its defaults and our HQQ at the package's settings, to show
+why the package loses to RTN at 3 bits. Each configuration runs in its own process so peak RSS is its own.
+
+    python bench/foundation.py [--max-windows 8] [--out bench/results/foundation.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CONFIGS = [("base", None)] + [
+    (f"{m} {b}-bit g{g}", {"method": m, "bits": b, "group_size": g})
+    for b in (4, 3) for g in (64, 128) for m in ("rtn", "hqq")
+] + [
+    (f"hqq (package settings: fractional zero) {b}-bit g64",
+     {"method": "hqq", "bits": b, "group_size": 64, "round_zero": False,
+      "hqq": {"optimize_scale": False, "l2_guard": False}})
+    for b in (4, 3)
+] + [(f"hqq package 0.2.8 defaults {b}-bit g64", {"package": True, "bits": b, "group_size": 64}) for b in (4, 3)]
+
+
+def run_one(spec: dict | None, max_windows: int, seqlen: int) -> dict:
+    """Runs inside a fresh process: load, quantize, evaluate."""
+    import torch
+
+    from sensiquant.config import LayerSpec, QuantConfig
+    from sensiquant.data import load_text
+    from sensiquant.eval import perplexity
+    from sensiquant.models import load_model
+    from sensiquant.quantize import quantize_model
+
+    torch.manual_seed(0)
+    model, tok = load_model("smollm2-135m")
+    result: dict = {"bits_per_param": 16.0 if spec is None else None, "quantize_seconds": 0.0}
+    if spec is not None and spec.get("package"):
+        result.update(_package_quantize(model, spec["bits"], spec["group_size"]))
+    elif spec is not None:
+        report = quantize_model(model, QuantConfig(default=LayerSpec.from_dict(spec)), progress=False)
+        result["bits_per_param"] = report.bits_per_param
+        result["quantize_seconds"] = report.seconds
+    r = perplexity(model, tok, load_text("wikitext2"), seqlen, max_windows, progress=False)
+    result.update(ppl=r.ppl, eval_seconds=r.seconds, n_windows=r.n_windows,
+                  peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return result
+
+
+def _package_quantize(model, bits: int, group_size: int) -> dict:
+    """The hqq package at its recommended defaults (BaseQuantizeConfig), weights replaced by its dequantization."""
+    import torch
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    from sensiquant.walk import find_linears
+
+    cfg = BaseQuantizeConfig(nbits=bits, group_size=group_size)
+    start = time.perf_counter()
+    n_params = n_bits = 0
+    for linear in find_linears(model, ["lm_head"]).values():
+        hq = HQQLinear(linear, cfg, compute_dtype=torch.float32, device="cpu", del_orig=False)
+        with torch.no_grad():
+            linear.weight.copy_(hq.dequantize().reshape(linear.weight.shape).float())
+        n_params += linear.weight.numel()
+        n_bits += linear.weight.numel() * bits + 2 * 16 * hq.meta["scale"].numel()
+    return {"quantize_seconds": time.perf_counter() - start, "bits_per_param": n_bits / n_params}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--max-windows", type=int, default=8)
+    ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--out", default=str(HERE / "results" / "foundation.json"))
+    ap.add_argument("--only", default=None, help="run only configs whose name contains this")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child is not None:
+        print(json.dumps(run_one(json.loads(args.child), args.max_windows, args.seqlen)))
+        return
+    rows = []
+    for name, spec in CONFIGS:
+        if args.only and args.only not in name:
+            continue
+        t = time.perf_counter()
+        proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec),
+                               "--max-windows", str(args.max_windows), "--seqlen", str(args.seqlen)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            rows.append({"name": name, "spec": spec, "error": proc.stderr.strip().splitlines()[-1]})
+        else:
+            rows.append({"name": name, "spec": spec, **json.loads(proc.stdout.strip().splitlines()[-1]),
+                         "wall_seconds": time.perf_counter() - t})
+        print(json.dumps(rows[-1]), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"model": "smollm2-135m", "dataset": "wikitext2 test",
+                                          "seqlen": args.seqlen, "max_windows": args.max_windows,
+                                          "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

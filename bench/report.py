@@ -1,0 +1,59 @@
+"""Regenerate the tables of BENCHMARKS.md from bench/results/*.json (between <!-- NAME:start/end --> markers)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DOC = HERE.parent / "BENCHMARKS.md"
+
+
+def foundation_table(data: dict) -> str:
+    rows = data["rows"]
+    base = next((r for r in rows if r["name"] == "base" and "ppl" in r), None)
+    lines = [f"SmolLM2-135M, WikiText-2 test, seqlen {data['seqlen']}, first {data['max_windows']} windows.", "",
+             "| configuration | bits/param | PPL | PPL / base | quantize s | peak RSS MiB |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['name']} | - | failed: {r['error']} | | | |")
+            continue
+        ratio = f"{r['ppl'] / base['ppl']:.3f}" if base else "-"
+        lines.append(f"| {r['name']} | {r['bits_per_param']:.4f} | {r['ppl']:.2f} | {ratio} | "
+                     f"{r['quantize_seconds']:.1f} | {r['peak_rss_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+def parity_table(data: dict) -> str:
+    lines = ["| setting | package sq. error | ours (same settings) | ratio | ours L1 / package L1 | worst layer ratio "
+             "| ours (defaults) | RTN | package s | ours s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in data["rows"]:
+        lines.append(
+            f"| {r['bits']}-bit g{r['group_size']} ({r['n_layers']} layers) | {r['package']['sq']:.4f} | "
+            f"{r['ours_same']['sq']:.4f} | {r['ratio_sq_ours_same_to_package']:.4f} | "
+            f"{r['ratio_abs_ours_same_to_package']:.4f} | {r['worst_layer_ratio_sq']:.4f} | "
+            f"{r['ours_default']['sq']:.4f} | {r['rtn']['sq']:.4f} | {r['package']['seconds']:.1f} | "
+            f"{r['ours_same']['seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+TABLES = {"foundation": ("foundation.json", foundation_table), "hqq_parity": ("hqq_parity.json", parity_table)}
+
+
+def main() -> None:
+    text = DOC.read_text()
+    for name, (file, render) in TABLES.items():
+        path = HERE / "results" / file
+        if not path.is_file():
+            continue
+        table = render(json.loads(path.read_text()))
+        pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(\n<!-- {name}:end -->)", re.S)
+        text = pattern.sub(lambda m, t=table: m.group(1) + t + m.group(2), text)
+    DOC.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

