@@ -50,8 +50,8 @@ def main() -> None:
         if not path.is_file():
             continue
         table = render(json.loads(path.read_text()))
-        pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(\n<!-- {name}:end -->)", re.S)
-        text = pattern.sub(lambda m, t=table: m.group(1) + t + m.group(2), text)
+        pattern = re.compile(rf"(<!-- {name}:start -->).*?(<!-- {name}:end -->)", re.S)
+        text = pattern.sub(lambda m, t=table: f"{m.group(1)}\n{t}\n{m.group(2)}", text)
     DOC.write_text(text)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -11,19 +12,27 @@ from .checkpoint import save_quantized
 from .config import LayerSpec, QuantConfig
 from .data import load_text
 from .eval.perplexity import PerplexityResult, perplexity
+from .gwq import GWQConfig, gwq_quantize
 from .models import load_model
 from .quantize import quantize_model
 
 
 def quantize(model_name: str, config: QuantConfig | LayerSpec | None = None, out_dir: str | Path | None = None,
-             progress: bool = True, trust_remote_code: bool = False):
-    """Load ``model_name``, quantize it, optionally save it. Returns (model, tokenizer, report)."""
+             progress: bool = True, trust_remote_code: bool = False, gwq: GWQConfig | None = None):
+    """Load ``model_name``, quantize it (GWQ when ``gwq`` is given), optionally save it.
+
+    Returns (model, tokenizer, report).
+    """
     if config is None:
         config = QuantConfig()
     elif isinstance(config, LayerSpec):
         config = QuantConfig(default=config)
     model, tokenizer = load_model(model_name, trust_remote_code=trust_remote_code)
-    report = quantize_model(model, config, progress=progress)
+    if gwq is None:
+        report = quantize_model(model, config, progress=progress)
+    else:
+        report, stats = gwq_quantize(model, tokenizer, config, gwq, progress=progress)
+        report.extra = {"gwq": gwq.to_dict(), "gwq_stats": dataclasses.asdict(stats)}
     if out_dir is not None:
         save_quantized(model, tokenizer, out_dir, config, report)
     return model, tokenizer, report

@@ -34,12 +34,24 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model and write a checkpoint")
     q.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                    help=f"hub id, local directory, .gguf file, or {DEFAULT_MODEL} (default)")
-    q.add_argument("--method", choices=["rtn", "hqq"], default="hqq")
+    q.add_argument("--method", choices=["rtn", "hqq", "gwq"], default="hqq",
+                   help="rtn, hqq, or gwq (gradient-aware FP16 outliers + a --backend for the rest)")
     q.add_argument("--bits", type=int, default=4)
     q.add_argument("--group-size", type=int, default=64, help="columns per group; -1 for per-channel")
     q.add_argument("--quant-meta", action="store_true", help="store scales and zeros in 8 bits (groups of 128)")
     q.add_argument("--skip", default="lm_head,*embed*", help="comma-separated name patterns left in full precision")
     q.add_argument("--out", default=None, help="checkpoint directory to write")
+    g = q.add_argument_group("gwq")
+    g.add_argument("--backend", choices=["rtn", "hqq", "gptq"], default="gptq", help="quantizer of non-outliers")
+    g.add_argument("--outlier-ratio", type=float, default=0.01, help="share of weights kept in FP16")
+    g.add_argument("--outlier-scope", choices=["matrix", "global"], default="matrix")
+    g.add_argument("--saliency", default="grad",
+                   help="grad, grad_weight, fisher, hessian, activation, magnitude, random")
+    g.add_argument("--calib", default="wikitext2", help="calibration set or text file (validation split)")
+    g.add_argument("--calib-samples", type=int, default=4)
+    g.add_argument("--calib-seqlen", type=int, default=2048)
+    g.add_argument("--act-order", action="store_true", help="GPTQ: process columns by descending Hessian diagonal")
+    g.add_argument("--seed", type=int, default=0)
     _add_eval_args(q, default_ppl=None)
 
     e = sub.add_parser("eval", help="perplexity of a model or a checkpoint")
@@ -67,12 +79,20 @@ def _evaluate(model, tokenizer, texts: dict[str, str], args) -> dict:
 def _cmd_quantize(args) -> dict:
     from .api import model_size_bytes, quantize
     from .config import LayerSpec, QuantConfig
+    from .gwq import GWQConfig
 
-    spec = LayerSpec(method=args.method, bits=args.bits, group_size=args.group_size, quant_meta=args.quant_meta)
+    gwq = None
+    if args.method == "gwq":
+        gwq = GWQConfig(backend=args.backend, saliency=args.saliency, outlier_ratio=args.outlier_ratio,
+                        outlier_scope=args.outlier_scope, calib=args.calib, calib_samples=args.calib_samples,
+                        calib_seqlen=args.calib_seqlen, act_order=args.act_order, seed=args.seed,
+                        data_dir=args.data_dir)
+    grid = "rtn" if args.method == "gwq" else args.method
+    spec = LayerSpec(method=grid, bits=args.bits, group_size=args.group_size, quant_meta=args.quant_meta)
     config = QuantConfig(default=spec, skip=[s.strip() for s in args.skip.split(",") if s.strip()])
     texts = _eval_texts(args)
     model, tokenizer, report = quantize(args.model, config, args.out, progress=not args.quiet,
-                                        trust_remote_code=args.trust_remote_code)
+                                        trust_remote_code=args.trust_remote_code, gwq=gwq)
     result = {"model": args.model, "spec": spec.to_dict(), **report.summary(),
               "model_bytes": model_size_bytes(model), "out": args.out}
     result["ppl"] = _evaluate(model, tokenizer, texts, args)

@@ -37,6 +37,7 @@ class QuantReport:
 
     layers: dict[str, LayerReport] = field(default_factory=dict)
     seconds: float = 0.0
+    extra: dict = field(default_factory=dict)  # method-specific facts (GWQ settings, calibration timings)
 
     @property
     def quantized_params(self) -> int:
@@ -51,10 +52,14 @@ class QuantReport:
         """Stored bits per weight over the quantized linear layers (codes, scales, zeros, outliers)."""
         return self.quantized_bits / max(self.quantized_params, 1)
 
+    @property
+    def n_outliers(self) -> int:
+        return sum(r.n_outliers for r in self.layers.values())
+
     def summary(self) -> dict:
         return {"n_layers": len(self.layers), "quantized_params": self.quantized_params,
                 "quantized_bytes": self.quantized_bits / 8, "bits_per_param": self.bits_per_param,
-                "seconds": self.seconds}
+                "n_outliers": self.n_outliers, "seconds": self.seconds, **self.extra}
 
 
 def plan_layers(model: nn.Module, config: QuantConfig) -> dict[str, LayerSpec]:

@@ -164,7 +164,9 @@ def _min_max(pieces, qmax):
     scales, zeros = [], []
     for p in pieces:
         lo, hi = p.amin(-1, keepdim=True), p.amax(-1, keepdim=True)
-        s = ((hi - lo) / qmax).clamp_min(MIN_SCALE)
+        # the floor keeps |zero| <= 1024 (exact in FP16) for constant or near-constant groups
+        floor = (torch.maximum(lo.abs(), hi.abs()) / 1024).clamp_min(MIN_SCALE)
+        s = torch.maximum((hi - lo) / qmax, floor)
         scales.append(s)
         zeros.append(-lo / s)
     return scales, zeros

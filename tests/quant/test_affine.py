@@ -110,3 +110,14 @@ def test_outliers_stored_exactly():
 def test_bad_spec(bad):
     with pytest.raises(SensiquantError):
         LayerSpec(**bad)
+
+
+@pytest.mark.parametrize("method", ["rtn", "hqq"])
+def test_constant_group_and_one_column_tail(method):
+    # a constant group (and a one-column tail group) must come back finite and close
+    w = torch.full((2, 65), 0.1)
+    w[1] = -3.0
+    q = quantize_weight(w, LayerSpec(method=method, bits=4, group_size=64))
+    deq = q.dequantize()
+    assert torch.isfinite(deq).all()
+    assert torch.allclose(deq, w, rtol=1e-3)

@@ -1,0 +1,148 @@
+"""GWQ: gradient-aware weight quantization (arXiv 2411.00850).
+
+Back-propagate the language-model loss on a few calibration windows, score every weight (|g| by default), keep the
+top ``outlier_ratio`` of each matrix (or of the whole model) exactly in FP16 and quantize the rest group-wise with a
+backend: RTN, HQQ, or GPTQ (outliers excluded from the grid fit and from GPTQ's error propagation, as in SpQR).
+Other saliencies (Hessian/OBS, activation, magnitude, random) use the same storage, for comparison.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .calibration import calibration_windows, gradient_statistics, input_statistics
+from .config import QuantConfig, _from_dict
+from .errors import SensiquantError
+from .nn import QuantLinear
+from .quant import quantize_weight
+from .quant.gptq import gptq_quantize
+from .quant.saliency import GRADIENT_SALIENCIES, SALIENCIES, global_threshold, saliency_scores, top_mask
+from .quantize import LayerReport, QuantReport
+from .walk import find_linears, set_module
+
+BACKENDS = ("rtn", "hqq", "gptq")
+
+
+@dataclass
+class GWQConfig:
+    """Settings of a GWQ run; the per-matrix grid (bits, group size, metadata) comes from the LayerSpec."""
+
+    backend: str = "gptq"
+    saliency: str = "grad"
+    outlier_ratio: float = 0.01
+    outlier_scope: str = "matrix"  # "matrix": top ratio of every matrix; "global": of all matrices together
+    calib: str = "wikitext2"
+    calib_samples: int = 4
+    calib_seqlen: int = 2048
+    seed: int = 0
+    damp: float = 0.01  # GPTQ / Hessian-saliency dampening, share of mean diag(H)
+    act_order: bool = False
+    block_size: int = 128
+    checkpointing: bool = True
+    score_dtype: str = "bfloat16"
+    data_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise SensiquantError(f"unknown backend {self.backend!r}: choose one of {', '.join(BACKENDS)}")
+        if self.saliency not in SALIENCIES:
+            raise SensiquantError(f"unknown saliency {self.saliency!r}: choose one of {', '.join(SALIENCIES)}")
+        if not 0.0 <= self.outlier_ratio < 0.5:
+            raise SensiquantError(f"outlier ratio must be in [0, 0.5), got {self.outlier_ratio}")
+        if self.outlier_scope not in ("matrix", "global"):
+            raise SensiquantError(f"outlier scope must be 'matrix' or 'global', got {self.outlier_scope!r}")
+        if self.calib_samples < 1:
+            raise SensiquantError(f"calibration samples must be at least 1, got {self.calib_samples}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GWQConfig:
+        return _from_dict(cls, dict(data))
+
+
+@dataclass
+class GWQStats:
+    gradient_seconds: float = 0.0
+    input_seconds: float = 0.0
+    quantize_seconds: float = 0.0
+    calib_loss: float | None = None
+
+
+def gwq_quantize(model: nn.Module, tokenizer, config: QuantConfig, gwq: GWQConfig,
+                 progress: bool = True) -> tuple[QuantReport, GWQStats]:
+    """Quantize ``model`` in place with GWQ; returns the per-layer report and timings."""
+    stats = GWQStats()
+    start = time.perf_counter()
+    layers = find_linears(model, config.skip)
+    if not layers:
+        raise SensiquantError("no linear layers to quantize (check --skip)")
+    needs_inputs = gwq.backend == "gptq" or gwq.saliency in ("hessian", "activation")
+    needs_grads = gwq.saliency in GRADIENT_SALIENCIES and gwq.outlier_ratio > 0
+    windows = None
+    if needs_inputs or needs_grads:
+        windows = calibration_windows(tokenizer, gwq.calib, gwq.calib_samples, gwq.calib_seqlen, gwq.seed,
+                                      gwq.data_dir)
+    grads = None
+    if needs_grads:
+        grads = gradient_statistics(model, windows, layers, getattr(torch, gwq.score_dtype), gwq.checkpointing,
+                                    progress)
+        stats.gradient_seconds, stats.calib_loss = grads.seconds, grads.loss
+    inputs = None
+    if needs_inputs:
+        inputs = input_statistics(model, windows, layers, progress)
+        stats.input_seconds = inputs.seconds
+
+    generator = torch.Generator().manual_seed(gwq.seed)
+
+    def scores_of(name: str) -> torch.Tensor:
+        return saliency_scores(
+            gwq.saliency, layers[name].weight.detach(),
+            grad_abs_sum=None if grads is None else grads.abs_sum[name],
+            grad_sq_sum=None if grads is None else grads.sq_sum[name],
+            hessian=None if inputs is None else inputs.hessian[name],
+            input_norm=None if inputs is None else inputs.col_norm[name],
+            damp=gwq.damp, generator=generator)
+
+    threshold = None
+    if gwq.outlier_ratio > 0 and gwq.outlier_scope == "global":
+        # normalise per matrix so that scores of differently scaled matrices compete fairly
+        threshold = global_threshold([_normalised(scores_of(n)) for n in layers], gwq.outlier_ratio)
+
+    report = QuantReport()
+    q_start = time.perf_counter()
+    for name in tqdm(list(layers), desc="gwq", disable=not progress):
+        layer = layers[name]
+        spec = config.overrides.get(name, config.default)
+        # GPTQ keeps the spec's grid (RTN or HQQ); the other backends are the grid
+        grid = spec.method if gwq.backend == "gptq" else gwq.backend
+        spec = dataclasses.replace(spec, method=grid, outlier_ratio=gwq.outlier_ratio)
+        w = layer.weight.detach().float()
+        mask = None
+        if gwq.outlier_ratio > 0:
+            scores = scores_of(name)
+            mask = _normalised(scores) >= threshold if threshold is not None else top_mask(scores, gwq.outlier_ratio)
+        if gwq.backend == "gptq":
+            qweight = gptq_quantize(w, inputs.hessian[name], spec, mask, damp=gwq.damp, block_size=gwq.block_size,
+                                    act_order=gwq.act_order)
+        else:
+            qweight = quantize_weight(w, spec, mask)
+        bias = None if layer.bias is None else layer.bias.detach().clone()
+        qlinear = QuantLinear.from_quantized(qweight, bias)
+        set_module(model, name, qlinear)
+        report.layers[name] = LayerReport(qweight.shape, spec, qlinear.storage_bits(), qlinear.n_outliers)
+    stats.quantize_seconds = time.perf_counter() - q_start
+    report.seconds = time.perf_counter() - start
+    return report, stats
+
+
+def _normalised(scores: torch.Tensor) -> torch.Tensor:
+    return scores.float() / scores.float().mean().clamp_min(1e-30)
