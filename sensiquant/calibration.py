@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .data import load_text
 from .errors import SensiquantError
+from .quant.gptq import accumulate_hessian
 
 
 def calibration_windows(tokenizer, source: str = "wikitext2", n_samples: int = 4, seqlen: int = 2048,
@@ -81,21 +82,33 @@ def gradient_statistics(model: nn.Module, windows: torch.Tensor, layers: dict[st
     try:
         with _only_these_require_grad(model, [m.weight for m in layers.values()]):
             if use_ckpt:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                _checkpointing(model, True)
                 model.train()  # checkpointing is only active in training mode; LLaMA-style models have no dropout
             for window in tqdm(windows, desc="gradients", disable=not progress):
                 ids = window.unsqueeze(0)
                 loss = model(input_ids=ids, labels=ids, use_cache=False).loss
                 loss.backward()
-                total_loss += float(loss)
+                total_loss += float(loss.detach())
     finally:
         for h in handles:
             h.remove()
         if use_ckpt:
-            model.gradient_checkpointing_disable()
+            _checkpointing(model, False)
         model.train(was_training)
     return GradientStats(abs_sum, sq_sum, windows.shape[0], time.perf_counter() - start,
                          total_loss / windows.shape[0])
+
+
+def _checkpointing(model: nn.Module, on: bool) -> None:
+    """Turn activation (gradient) checkpointing on or off, across transformers versions."""
+    kwargs = {"use_reentrant": False}
+    if on and hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+        disable()
 
 
 @dataclass
@@ -116,11 +129,7 @@ class HessianAccumulator:
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
-        m = x.shape[0]
-        self.h *= self.n / (self.n + m)
-        self.n += m
-        x_scaled = x * (2.0 / self.n) ** 0.5
-        self.h += x_scaled.T @ x_scaled
+        self.h, self.n = accumulate_hessian(self.h, x, self.n)
         self.sq += x.pow(2).sum(0)
 
 

@@ -36,7 +36,7 @@ def accumulate_hessian(h: torch.Tensor | None, x: torch.Tensor, n_seen: int) -> 
     return h, n
 
 
-def _upper_cholesky_of_inverse(h: torch.Tensor, damp: float) -> torch.Tensor:
+def upper_cholesky_of_inverse(h: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``, in float64 for stability.
 
     If H is still not positive definite the dampening is raised tenfold, a few times, before giving up.
@@ -115,7 +115,7 @@ def gptq_solve(w: torch.Tensor, hessian: torch.Tensor, spec: LayerSpec, outlier_
     else:
         group_of = [c // g for c in range(n)]
 
-    Hinv = _upper_cholesky_of_inverse(H, damp)
+    Hinv = upper_cholesky_of_inverse(H, damp)
     del H
     Q = torch.zeros_like(W)
 

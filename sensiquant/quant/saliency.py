@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from .gptq import upper_cholesky_of_inverse
+
 SALIENCIES = ("grad", "grad_weight", "fisher", "hessian", "activation", "magnitude", "random")
 GRADIENT_SALIENCIES = ("grad", "grad_weight", "fisher")
 
@@ -38,12 +40,11 @@ def saliency_scores(
     if kind == "fisher":
         return w.pow(2) * _need(grad_sq_sum, kind, "grad_sq_sum").float()
     if kind == "hessian":
-        h = _need(hessian, kind, "hessian").double().clone()
-        dead = torch.diag(h) == 0
+        h = _need(hessian, kind, "hessian").float().clone()
+        dead = torch.diagonal(h) == 0
         h[dead, dead] = 1.0
-        h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype)
-        h_inv_diag = torch.diag(torch.cholesky_inverse(torch.linalg.cholesky(h))).float()
-        return w.pow(2) / h_inv_diag.unsqueeze(0)
+        upper = upper_cholesky_of_inverse(h, damp)  # H^-1 = U^T U, so diag(H^-1) = column sums of U^2
+        return w.pow(2) / upper.pow(2).sum(0).unsqueeze(0)
     if kind == "activation":
         return w.abs() * _need(input_norm, kind, "input_norm").float().unsqueeze(0)
     if kind == "magnitude":
