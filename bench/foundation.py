@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import peak_rss_mb, run_all  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = [("base", None)] + [
@@ -50,7 +51,7 @@ def run_one(spec: dict | None, max_windows: int, seqlen: int) -> dict:
         result["quantize_seconds"] = report.seconds
     r = perplexity(model, tok, load_text("wikitext2"), seqlen, max_windows, progress=False)
     result.update(ppl=r.ppl, eval_seconds=r.seconds, n_windows=r.n_windows,
-                  peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+                  peak_rss_mb=peak_rss_mb())
     return result
 
 
@@ -79,29 +80,17 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--out", default=str(HERE / "results" / "foundation.json"))
     ap.add_argument("--only", default=None, help="run only configs whose name contains this")
+    ap.add_argument("--fresh", action="store_true", help="ignore results already in --out")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child is not None:
         print(json.dumps(run_one(json.loads(args.child), args.max_windows, args.seqlen)))
         return
-    rows = []
-    for name, spec in CONFIGS:
-        if args.only and args.only not in name:
-            continue
-        t = time.perf_counter()
-        proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec),
-                               "--max-windows", str(args.max_windows), "--seqlen", str(args.seqlen)],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            rows.append({"name": name, "spec": spec, "error": proc.stderr.strip().splitlines()[-1]})
-        else:
-            rows.append({"name": name, "spec": spec, **json.loads(proc.stdout.strip().splitlines()[-1]),
-                         "wall_seconds": time.perf_counter() - t})
-        print(json.dumps(rows[-1]), flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"model": "smollm2-135m", "dataset": "wikitext2 test",
-                                          "seqlen": args.seqlen, "max_windows": args.max_windows,
-                                          "rows": rows}, indent=2))
+    configs = [(n, s) for n, s in CONFIGS if not args.only or args.only in n]
+    header = {"model": "smollm2-135m", "dataset": "wikitext2 test", "seqlen": args.seqlen,
+              "max_windows": args.max_windows}
+    run_all(__file__, configs, args.out, header, ["--max-windows", str(args.max_windows), "--seqlen", str(args.seqlen)],
+            resume=not args.fresh)
 
 
 if __name__ == "__main__":

@@ -61,11 +61,20 @@ def _only_these_require_grad(model: nn.Module, params: list[nn.Parameter]):
             p.grad = None
 
 
-def gradient_statistics(model: nn.Module, windows: torch.Tensor, layers: dict[str, nn.Linear],
+def as_batches(windows) -> list[dict]:
+    """Calibration batches as model keyword arguments: token windows (n, seqlen) or a list of input dicts
+    (for multimodal models: input_ids plus pixel_values and whatever else the model takes)."""
+    if isinstance(windows, torch.Tensor):
+        return [{"input_ids": w.unsqueeze(0)} for w in windows]
+    return list(windows)
+
+
+def gradient_statistics(model: nn.Module, windows, layers: dict[str, nn.Linear],
                         dtype: torch.dtype = torch.bfloat16, checkpointing: bool = True,
                         progress: bool = True) -> GradientStats:
     """Sum over windows of |dL/dW| and (dL/dW)^2 for the weight of every layer in ``layers``."""
     start = time.perf_counter()
+    batches = as_batches(windows)
     abs_sum = {n: torch.zeros_like(m.weight, dtype=dtype) for n, m in layers.items()}
     sq_sum = {n: torch.zeros_like(m.weight, dtype=dtype) for n, m in layers.items()}
     handles = []
@@ -84,9 +93,8 @@ def gradient_statistics(model: nn.Module, windows: torch.Tensor, layers: dict[st
             if use_ckpt:
                 _checkpointing(model, True)
                 model.train()  # checkpointing is only active in training mode; LLaMA-style models have no dropout
-            for window in tqdm(windows, desc="gradients", disable=not progress):
-                ids = window.unsqueeze(0)
-                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            for batch in tqdm(batches, desc="gradients", disable=not progress):
+                loss = model(**batch, labels=batch["input_ids"], use_cache=False).loss
                 loss.backward()
                 total_loss += float(loss.detach())
     finally:
@@ -95,8 +103,7 @@ def gradient_statistics(model: nn.Module, windows: torch.Tensor, layers: dict[st
         if use_ckpt:
             _checkpointing(model, False)
         model.train(was_training)
-    return GradientStats(abs_sum, sq_sum, windows.shape[0], time.perf_counter() - start,
-                         total_loss / windows.shape[0])
+    return GradientStats(abs_sum, sq_sum, len(batches), time.perf_counter() - start, total_loss / len(batches))
 
 
 def _checkpointing(model: nn.Module, on: bool) -> None:
@@ -134,18 +141,19 @@ class HessianAccumulator:
 
 
 @torch.no_grad()
-def input_statistics(model: nn.Module, windows: torch.Tensor, layers: dict[str, nn.Linear],
+def input_statistics(model: nn.Module, windows, layers: dict[str, nn.Linear],
                      progress: bool = True) -> InputStats:
     """Input Hessians and column norms of every layer in ``layers`` from one forward pass per window."""
     start = time.perf_counter()
+    batches = as_batches(windows)
     acc = {name: HessianAccumulator(layer.in_features) for name, layer in layers.items()}
     handles = [layer.register_forward_pre_hook(lambda _m, args, name=name: acc[name].add(args[0]))
                for name, layer in layers.items()]
     try:
-        for window in tqdm(windows, desc="inputs", disable=not progress):
-            model(input_ids=window.unsqueeze(0), use_cache=False)
+        for batch in tqdm(batches, desc="inputs", disable=not progress):
+            model(**batch, use_cache=False)
     finally:
         for h in handles:
             h.remove()
     return InputStats({n: a.h for n, a in acc.items()}, {n: a.sq.sqrt() for n, a in acc.items()},
-                      int(windows.numel()), time.perf_counter() - start)
+                      sum(int(b["input_ids"].numel()) for b in batches), time.perf_counter() - start)

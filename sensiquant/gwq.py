@@ -77,9 +77,13 @@ class GWQStats:
     calib_loss: float | None = None
 
 
-def gwq_quantize(model: nn.Module, tokenizer, config: QuantConfig, gwq: GWQConfig,
-                 progress: bool = True) -> tuple[QuantReport, GWQStats]:
-    """Quantize ``model`` in place with GWQ; returns the per-layer report and timings."""
+def gwq_quantize(model: nn.Module, tokenizer, config: QuantConfig, gwq: GWQConfig, progress: bool = True,
+                 calib_batches: list[dict] | None = None) -> tuple[QuantReport, GWQStats]:
+    """Quantize ``model`` in place with GWQ; returns the per-layer report and timings.
+
+    Calibration comes from ``gwq.calib`` (text) unless ``calib_batches`` (model input dicts, e.g. with images for
+    a vision-language model) are given.
+    """
     stats = GWQStats()
     start = time.perf_counter()
     layers = find_linears(model, config.skip)
@@ -87,8 +91,8 @@ def gwq_quantize(model: nn.Module, tokenizer, config: QuantConfig, gwq: GWQConfi
         raise SensiquantError("no linear layers to quantize (check --skip)")
     needs_inputs = gwq.backend == "gptq" or gwq.saliency in ("hessian", "activation")
     needs_grads = gwq.saliency in GRADIENT_SALIENCIES and gwq.outlier_ratio > 0
-    windows = None
-    if needs_inputs or needs_grads:
+    windows = calib_batches
+    if windows is None and (needs_inputs or needs_grads):
         windows = calibration_windows(tokenizer, gwq.calib, gwq.calib_samples, gwq.calib_seqlen, gwq.seed,
                                       gwq.data_dir)
     grads = None
