@@ -34,9 +34,12 @@ class HQQParams:
     # Keep, per group, whichever candidate (min-max start, solver result) has the lowest squared error.
     # Off reproduces the hqq package; on guarantees HQQ is never worse than its min-max (RTN) start per group.
     l2_guard: bool = True
-    # With integer zeros, also offer the guard the package's fractional-zero solution (SmolLM2 4-bit g64:
-    # 23.9 PPL with it, 26.0 without, 24.7 for the package's settings; see BENCHMARKS.md).
+    # With integer zeros, also offer the guard the package's fractional-zero solution (see BENCHMARKS.md).
     fractional_candidate: bool = True
+    # The guard's error adds guard_bias_weight * (sum of a group's errors)^2 to the squared error: the extra output
+    # error a coherent shift of the group's weights causes when the inputs have a non-zero mean. With 1.0 HQQ beats
+    # RTN at 4/3 bits, g64/g128 on SmolLM2-135M; with 0 (pure L2) it loses at 3-bit g128 (128.8 vs 106.6 PPL).
+    guard_bias_weight: float = 1.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -25,6 +25,7 @@ from .quant import quantize_weight
 from .quant.gptq import gptq_quantize
 from .quant.saliency import GRADIENT_SALIENCIES, SALIENCIES, global_threshold, saliency_scores, top_mask
 from .quantize import LayerReport, QuantReport
+from .sequential import calibrate_sequentially, find_block_list
 from .walk import find_linears, set_module
 
 BACKENDS = ("rtn", "hqq", "gptq")
@@ -45,6 +46,7 @@ class GWQConfig:
     damp: float = 0.01  # GPTQ / Hessian-saliency dampening, share of mean diag(H)
     act_order: bool = False
     block_size: int = 128
+    sequential: bool = True  # GPTQ: calibrate block by block on the outputs of the quantized blocks before
     checkpointing: bool = True
     score_dtype: str = "bfloat16"
     data_dir: str | None = None
@@ -100,52 +102,69 @@ def gwq_quantize(model: nn.Module, tokenizer, config: QuantConfig, gwq: GWQConfi
         grads = gradient_statistics(model, windows, layers, getattr(torch, gwq.score_dtype), gwq.checkpointing,
                                     progress)
         stats.gradient_seconds, stats.calib_loss = grads.seconds, grads.loss
+
+    blocks = find_block_list(model, list(layers)) if gwq.backend == "gptq" and gwq.sequential else None
+    in_blocks = [n for n in layers if blocks is not None and n.startswith(blocks[0] + ".")]
+    one_pass = list(layers) if gwq.saliency in ("hessian", "activation") else [n for n in layers if n not in in_blocks]
     inputs = None
-    if needs_inputs:
-        inputs = input_statistics(model, windows, layers, progress)
+    if needs_inputs and one_pass:
+        inputs = input_statistics(model, windows, {n: layers[n] for n in one_pass}, progress)
         stats.input_seconds = inputs.seconds
 
-    generator = torch.Generator().manual_seed(gwq.seed)
-
-    def scores_of(name: str) -> torch.Tensor:
-        return saliency_scores(
-            gwq.saliency, layers[name].weight.detach(),
-            grad_abs_sum=None if grads is None else grads.abs_sum[name],
-            grad_sq_sum=None if grads is None else grads.sq_sum[name],
-            hessian=None if inputs is None else inputs.hessian[name],
-            input_norm=None if inputs is None else inputs.col_norm[name],
-            damp=gwq.damp, generator=generator)
-
-    threshold = None
-    if gwq.outlier_ratio > 0 and gwq.outlier_scope == "global":
-        # normalise per matrix so that scores of differently scaled matrices compete fairly
-        threshold = global_threshold([_normalised(scores_of(n)) for n in layers], gwq.outlier_ratio)
-
+    masks = _outlier_masks(layers, gwq, grads, inputs)
     report = QuantReport()
     q_start = time.perf_counter()
-    for name in tqdm(list(layers), desc="gwq", disable=not progress):
+
+    def quantize_layer(name: str, hessian: torch.Tensor | None) -> None:
         layer = layers[name]
         spec = config.overrides.get(name, config.default)
         # GPTQ keeps the spec's grid (RTN or HQQ); the other backends are the grid
         grid = spec.method if gwq.backend == "gptq" else gwq.backend
         spec = dataclasses.replace(spec, method=grid, outlier_ratio=gwq.outlier_ratio)
         w = layer.weight.detach().float()
-        mask = None
-        if gwq.outlier_ratio > 0:
-            scores = scores_of(name)
-            mask = _normalised(scores) >= threshold if threshold is not None else top_mask(scores, gwq.outlier_ratio)
         if gwq.backend == "gptq":
-            qweight = gptq_quantize(w, inputs.hessian[name], spec, mask, damp=gwq.damp, block_size=gwq.block_size,
+            qweight = gptq_quantize(w, hessian, spec, masks.get(name), damp=gwq.damp, block_size=gwq.block_size,
                                     act_order=gwq.act_order)
         else:
-            qweight = quantize_weight(w, spec, mask)
+            qweight = quantize_weight(w, spec, masks.get(name))
         bias = None if layer.bias is None else layer.bias.detach().clone()
         qlinear = QuantLinear.from_quantized(qweight, bias)
         set_module(model, name, qlinear)
         report.layers[name] = LayerReport(qweight.shape, spec, qlinear.storage_bits(), qlinear.n_outliers)
+
+    rest = [n for n in layers if n not in in_blocks]
+    for name in tqdm(rest, desc="gwq", disable=not progress or not rest):
+        quantize_layer(name, None if inputs is None else inputs.hessian.get(name))
+    if in_blocks:
+        def quantize_block(hessians: dict[str, torch.Tensor]) -> None:
+            for name, h in hessians.items():
+                quantize_layer(name, h)
+
+        calibrate_sequentially(model, blocks[0], blocks[1], windows, in_blocks, quantize_block, progress)
+    report.layers = {n: report.layers[n] for n in layers}  # module order
     stats.quantize_seconds = time.perf_counter() - q_start
     report.seconds = time.perf_counter() - start
     return report, stats
+
+
+def _outlier_masks(layers, gwq: GWQConfig, grads, inputs) -> dict[str, torch.Tensor]:
+    """Outlier mask of every layer: top ratio of its scores, or of all normalised scores (global scope)."""
+    if gwq.outlier_ratio == 0:
+        return {}
+    generator = torch.Generator().manual_seed(gwq.seed)
+    scores = {name: saliency_scores(
+        gwq.saliency, layer.weight.detach(),
+        grad_abs_sum=None if grads is None else grads.abs_sum[name],
+        grad_sq_sum=None if grads is None else grads.sq_sum[name],
+        hessian=None if inputs is None else inputs.hessian.get(name),
+        input_norm=None if inputs is None else inputs.col_norm.get(name),
+        damp=gwq.damp, generator=generator) for name, layer in layers.items()}
+    if gwq.outlier_scope == "matrix":
+        return {name: top_mask(s, gwq.outlier_ratio) for name, s in scores.items()}
+    # normalise per matrix so that scores of differently scaled matrices compete fairly
+    normalised = {name: _normalised(s) for name, s in scores.items()}
+    threshold = global_threshold(list(normalised.values()), gwq.outlier_ratio)
+    return {name: s >= threshold for name, s in normalised.items()}
 
 
 def _normalised(scores: torch.Tensor) -> torch.Tensor:

@@ -172,10 +172,13 @@ def _min_max(pieces, qmax):
     return scales, zeros
 
 
-def _group_sq_error(pieces, scales, zeros, qmax):
-    """Sum of squared reconstruction errors per group, (out, n, 1) a piece."""
-    return [((torch.round(p / s + z).clamp(0, qmax) - z) * s - p).pow(2).sum(-1, keepdim=True)
-            for p, s, z in zip(pieces, scales, zeros)]
+def _group_error(pieces, scales, zeros, qmax, bias_weight: float = 0.0):
+    """Per group, (out, n, 1) a piece: sum of squared errors + bias_weight * (sum of errors)^2."""
+    out = []
+    for p, s, z in zip(pieces, scales, zeros):
+        e = (torch.round(p / s + z).clamp(0, qmax) - z) * s - p
+        out.append(e.pow(2).sum(-1, keepdim=True) + bias_weight * e.sum(-1, keepdim=True).pow(2))
+    return out
 
 
 def fit_scale_zero(w: torch.Tensor, spec: LayerSpec, fit_mask: torch.Tensor | None = None):
@@ -202,12 +205,12 @@ def fit_scale_zero(w: torch.Tensor, spec: LayerSpec, fit_mask: torch.Tensor | No
         if not spec.hqq.l2_guard:
             scales, zeros = candidates[1]
         else:  # per group, keep the candidate with the lowest squared error; the min-max start included
-            scales, zeros = _pick_per_group(pieces, candidates, qmax)
+            scales, zeros = _pick_per_group(pieces, candidates, qmax, spec.hqq.guard_bias_weight)
     return groups.merge_groups(scales), groups.merge_groups(zeros)
 
 
-def _pick_per_group(pieces, candidates, qmax):
-    errors = [torch.cat(_group_sq_error(pieces, sc, zc, qmax), 1) for sc, zc in candidates]
+def _pick_per_group(pieces, candidates, qmax, bias_weight):
+    errors = [torch.cat(_group_error(pieces, sc, zc, qmax, bias_weight), 1) for sc, zc in candidates]
     best = torch.stack(errors).argmin(0)  # (out, n_groups, 1)
     scale = torch.stack([torch.cat(sc, 1) for sc, _ in candidates]).gather(0, best[None]).squeeze(0)
     zero = torch.stack([torch.cat(zc, 1) for _, zc in candidates]).gather(0, best[None]).squeeze(0)
