@@ -40,7 +40,23 @@ def parity_table(data: dict) -> str:
     return "\n".join(lines)
 
 
-TABLES = {"foundation": ("foundation.json", foundation_table), "hqq_parity": ("hqq_parity.json", parity_table)}
+def gwq_table(data: dict) -> str:
+    lines = [f"SmolLM2-135M, seqlen {data['seqlen']}, first {data['max_windows']} windows of WikiText-2 test "
+             "and of C4.",
+             "", "| configuration | bits/param | WikiText-2 PPL | C4 PPL | gradient s | Hessian s | quantize s "
+             "| peak RSS MiB |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in data["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['name']} | - | failed: {r['error']} | | | | | |")
+            continue
+        lines.append(f"| {r['name']} | {r['bits_per_param']:.4f} | {r['ppl_wikitext2']:.2f} | {r['ppl_c4']:.2f} | "
+                     f"{r['gradient_seconds']:.1f} | {r['input_seconds']:.1f} | {r['quantize_seconds']:.1f} | "
+                     f"{r['peak_rss_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+TABLES = {"foundation": ("foundation.json", foundation_table), "hqq_parity": ("hqq_parity.json", parity_table),
+          "gwq": ("gwq.json", gwq_table)}
 
 
 def main() -> None:
