@@ -2,10 +2,13 @@
 
 Grids (run one or more with --grid; results accumulate in bench/results/gwq.json and resume):
   core      3-bit g128, backends {rtn, hqq, gptq} x outlier ratio {0, 0.5%, 1%, 2%}, |g| saliency, 4 calib seqs
-  g64       3-bit g64 (and g64 with 8-bit scales/zeros), backends x ratio {0, 1%}
-  saliency  3-bit g128, 1% outliers, backends {rtn, gptq} x saliencies {grad, grad_weight, fisher, hessian,
-            activation, magnitude, random}
+  g64       3-bit g64: gptq at 0 and 1%, rtn and hqq at 1% (their 0% rows are in the foundation benchmark), and
+            gptq 1% with 8-bit scales/zeros
+  saliency  3-bit g128, 1% outliers: gptq x saliencies {grad, grad_weight, fisher, hessian, activation, magnitude,
+            random}; rtn x {grad, magnitude, random}
   calib     3-bit g128, 1% |g| outliers, gptq, calibration {1, 16} sequences (4 is in core)
+  best      GPTQ with act-order on the HQQ grid: 3-bit g128 at 0/1%, 3-bit g64 8-bit meta at 0/0.99%
+            (|g|, Fisher, Hessian)
 
     python bench/gwq.py --grid core,saliency
 """
@@ -24,21 +27,28 @@ HERE = Path(__file__).resolve().parent
 SALIENCIES = ("grad", "grad_weight", "fisher", "hessian", "activation", "magnitude", "random")
 
 
-def _cfg(bits, group, backend, ratio, saliency="grad", samples=4, quant_meta=False):
+def _cfg(bits, group, backend, ratio, saliency="grad", samples=4, quant_meta=False, act_order=False, grid="rtn"):
+    """One row. The first grids ran with GPTQ on the RTN grid without act-order; the "best" grid changes both."""
     name = (f"{bits}b g{group}{' meta8' if quant_meta else ''} {backend} {saliency} "
             f"{ratio * 100:g}% n{samples}")
-    return name, {"bits": bits, "group_size": group, "quant_meta": quant_meta,
+    if backend == "gptq" and (act_order or grid != "rtn"):
+        name += f" ({grid} grid{', act-order' if act_order else ''})"
+    return name, {"bits": bits, "group_size": group, "quant_meta": quant_meta, "grid": grid,
                   "gwq": {"backend": backend, "saliency": saliency, "outlier_ratio": ratio,
-                          "calib_samples": samples}}
+                          "calib_samples": samples, "act_order": act_order}}
 
 
 def grids() -> dict[str, list]:
     return {
         "core": [_cfg(3, 128, b, r) for b in ("gptq", "rtn", "hqq") for r in (0.0, 0.005, 0.01, 0.02)],
-        "g64": [_cfg(3, 64, b, r, quant_meta=m) for m in (False, True) for b in ("gptq", "rtn", "hqq")
-                for r in (0.0, 0.01)],
-        "saliency": [_cfg(3, 128, b, 0.01, s) for b in ("gptq", "rtn") for s in SALIENCIES],
+        "g64": [_cfg(3, 64, "gptq", 0.0)] + [_cfg(3, 64, b, 0.01) for b in ("gptq", "rtn", "hqq")]
+        + [_cfg(3, 64, "gptq", 0.01, quant_meta=True)],
+        "saliency": [_cfg(3, 128, "gptq", 0.01, s) for s in SALIENCIES]
+        + [_cfg(3, 128, "rtn", 0.01, s) for s in ("grad", "magnitude", "random")],
         "calib": [_cfg(3, 128, "gptq", 0.01, "grad", n) for n in (1, 16)],
+        "best": [_cfg(3, 128, "gptq", r, act_order=True, grid="hqq") for r in (0.0, 0.01)]
+        + [_cfg(3, 64, "gptq", r, s, quant_meta=True, act_order=True, grid="hqq")
+           for r, s in ((0.0, "grad"), (0.0099, "grad"), (0.0099, "fisher"), (0.0099, "hessian"))],
     }
 
 
@@ -54,7 +64,7 @@ def run_one(spec: dict, max_windows: int, seqlen: int) -> dict:
     torch.manual_seed(0)
     model, tok = load_model("smollm2-135m")
     texts = {name: load_text(name) for name in ("wikitext2", "c4")}
-    layer_spec = LayerSpec(method="rtn", bits=spec["bits"], group_size=spec["group_size"],
+    layer_spec = LayerSpec(method=spec.get("grid", "rtn"), bits=spec["bits"], group_size=spec["group_size"],
                            quant_meta=spec["quant_meta"])
     report, stats = gwq_quantize(model, tok, QuantConfig(default=layer_spec), GWQConfig(**spec["gwq"]),
                                  progress=False)

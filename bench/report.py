@@ -55,8 +55,33 @@ def gwq_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def alloc_table(data: dict) -> str:
+    """Per budget: every method's exact bits/param, PPL, and change against uniform HQQ at the same budget."""
+    rows = [r for r in data["rows"] if "error" not in r]
+    uniform = {r["spec"]["rung"]: r for r in rows if r["spec"]["variant"] == "uniform"}
+    lines = [f"SmolLM2-135M, seqlen {data['seqlen']}, first {data['max_windows']} windows of WikiText-2 test and "
+             "of C4. Budget = exact bits/param of uniform HQQ at that rung (8-bit scales/zeros).", "",
+             "| budget (rung) | method | bits/param | vs budget | WikiText-2 | vs uniform | C4 | vs uniform "
+             "| flagged | quantize s |", "|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for r in data["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['spec']['rung']} | {r['spec']['variant']} | failed: {r['error']} | | | | | | | |")
+            continue
+        u = uniform.get(r["spec"]["rung"])
+
+        def rel(key, r=r, u=u):
+            return f"{(r[key] / u[key] - 1) * 100:+.1f}%" if u else "-"
+
+        lines.append(
+            f"| {r['budget']:.4f} ({r['spec']['rung']}) | {r['spec']['variant']} | {r['bits_per_param']:.4f} | "
+            f"{(r['bits_per_param'] / r['budget'] - 1) * 100:+.2f}% | {r['ppl_wikitext2']:.2f} | "
+            f"{rel('ppl_wikitext2')} | {r['ppl_c4']:.2f} | {rel('ppl_c4')} | {', '.join(r['flagged']) or '-'} | "
+            f"{r['quantize_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
 TABLES = {"foundation": ("foundation.json", foundation_table), "hqq_parity": ("hqq_parity.json", parity_table),
-          "gwq": ("gwq.json", gwq_table)}
+          "gwq": ("gwq.json", gwq_table), "alloc": ("alloc.json", alloc_table)}
 
 
 def main() -> None:

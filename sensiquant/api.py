@@ -8,12 +8,14 @@ from pathlib import Path
 
 import torch
 
+from .alloc.plan import Plan
 from .checkpoint import save_quantized
 from .config import LayerSpec, QuantConfig
 from .data import load_text
 from .eval.perplexity import PerplexityResult, perplexity
 from .gwq import GWQConfig, gwq_quantize
 from .models import load_model
+from .planning import PlanConfig, apply_plan, make_plan
 from .quantize import quantize_model
 
 
@@ -36,6 +38,27 @@ def quantize(model_name: str, config: QuantConfig | LayerSpec | None = None, out
     if out_dir is not None:
         save_quantized(model, tokenizer, out_dir, config, report)
     return model, tokenizer, report
+
+
+def plan(model_name: str, config: PlanConfig, progress: bool = True, trust_remote_code: bool = False) -> Plan:
+    """Load ``model_name`` and make a per-layer plan for ``config.budget`` (see :mod:`sensiquant.planning`)."""
+    model, tokenizer = load_model(model_name, trust_remote_code=trust_remote_code)
+    return make_plan(model, tokenizer, config, progress, model_name=str(model_name))
+
+
+def quantize_with_plan(model_name: str, plan_or_config: Plan | PlanConfig, out_dir: str | Path | None = None,
+                       progress: bool = True, trust_remote_code: bool = False):
+    """Load ``model_name``, plan it (when given a PlanConfig) and quantize it as planned; optionally save it
+    (the plan is written next to the checkpoint as plan.json). Returns (model, tokenizer, report, plan)."""
+    model, tokenizer = load_model(model_name, trust_remote_code=trust_remote_code)
+    the_plan = plan_or_config
+    if isinstance(plan_or_config, PlanConfig):
+        the_plan = make_plan(model, tokenizer, plan_or_config, progress, model_name=str(model_name))
+    report, config = apply_plan(model, tokenizer, the_plan, progress)
+    if out_dir is not None:
+        save_quantized(model, tokenizer, out_dir, config, report)
+        the_plan.save(Path(out_dir) / "plan.json")
+    return model, tokenizer, report, the_plan
 
 
 def evaluate_perplexity(model, tokenizer, datasets=("wikitext2",), seqlen: int = 2048,

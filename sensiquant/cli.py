@@ -1,4 +1,4 @@
-"""Command line: ``sensiquant quantize`` and ``sensiquant eval``."""
+"""Command line: ``sensiquant quantize``, ``sensiquant plan`` and ``sensiquant eval``."""
 
 from __future__ import annotations
 
@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quant-meta", action="store_true", help="store scales and zeros in 8 bits (groups of 128)")
     q.add_argument("--skip", default="lm_head,*embed*", help="comma-separated name patterns left in full precision")
     q.add_argument("--out", default=None, help="checkpoint directory to write")
+    q.add_argument("--plan", default=None, help="plan JSON from `sensiquant plan` (per-layer configs)")
+    q.add_argument("--budget", type=float, default=None,
+                   help="bits/param for all quantized linears: plan with the best method, then quantize")
     g = q.add_argument_group("gwq")
     g.add_argument("--backend", choices=["rtn", "hqq", "gptq"], default="gptq", help="quantizer of non-outliers")
     g.add_argument("--outlier-ratio", type=float, default=0.01, help="share of weights kept in FP16")
@@ -50,9 +53,39 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--calib", default="wikitext2", help="calibration set or text file (validation split)")
     g.add_argument("--calib-samples", type=int, default=4)
     g.add_argument("--calib-seqlen", type=int, default=2048)
-    g.add_argument("--act-order", action="store_true", help="GPTQ: process columns by descending Hessian diagonal")
+    g.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
+                   help="GPTQ: process columns by descending Hessian diagonal (default on)")
+    g.add_argument("--grid", choices=["hqq", "rtn"], default="hqq",
+                   help="gwq: grid fit of the non-outlier weights under GPTQ (default hqq)")
     g.add_argument("--seed", type=int, default=0)
     _add_eval_args(q, default_ppl=None)
+
+    p = sub.add_parser("plan", help="choose per-layer bits for a memory budget and write the plan as JSON")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                   help=f"hub id, local directory, .gguf file, or {DEFAULT_MODEL} (default)")
+    p.add_argument("--budget", type=float, required=True, help="bits per parameter, everything counted")
+    p.add_argument("--method", choices=["uniform", "mxq", "sensiboost", "kurtboost"], default="sensiboost")
+    p.add_argument("--exact", action="store_true",
+                   help="keep the boosted plan within the budget (the least important layers pay for it)")
+    p.add_argument("--outlier-ratios", default="0",
+                   help="comma-separated GWQ outlier shares a matrix may take, e.g. 0,0.005,0.01 (needs --exact)")
+    p.add_argument("--error-metric", choices=["frobenius", "fisher"], default="frobenius")
+    p.add_argument("--backend", choices=["hqq", "rtn", "gptq"], default="hqq",
+                   help="how the plan is applied: HQQ/RTN directly, or GPTQ on the HQQ grid (needs calibration)")
+    p.add_argument("--stop", type=int, default=2, help="ladder rungs a flagged layer goes up")
+    p.add_argument("--threshold", type=float, default=3.0, help="z-score that flags a layer")
+    p.add_argument("--top-m", type=int, default=3, help="flag at most this many layers (-1: all)")
+    p.add_argument("--ladder", default=None, help="comma-separated rungs, e.g. b2g64,b3g128,b4g64 (default: all)")
+    p.add_argument("--calib", default="wikitext2", help="calibration set or text file (validation split)")
+    p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--skip", default="lm_head,*embed*", help="comma-separated name patterns left in full precision")
+    p.add_argument("--out", required=True, help="plan JSON to write")
+    p.add_argument("--plots", default=None, help="folder for PNG plots of the scores and the allocation")
+    p.add_argument("--data-dir", default=None, help="folder laid out like shared/data (or $SENSIQUANT_DATA_DIR)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model's repo")
 
     e = sub.add_parser("eval", help="perplexity of a model or a checkpoint")
     e.add_argument("model", help="hub id, local directory, .gguf file, checkpoint directory, or smollm2-135m")
@@ -76,10 +109,57 @@ def _evaluate(model, tokenizer, texts: dict[str, str], args) -> dict:
             for name, text in texts.items()}
 
 
+def _split(text: str) -> list[str]:
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def _plan_config(args, method: str, exact: bool):
+    from .planning import PlanConfig
+
+    try:
+        ratios = [float(r) for r in _split(getattr(args, "outlier_ratios", "0"))] or [0.0]
+    except ValueError:
+        raise SensiquantError(f"bad --outlier-ratios {args.outlier_ratios!r}: expected numbers like 0,0.01") from None
+    kwargs = {"method": method, "budget": args.budget, "exact": exact, "outlier_ratios": ratios,
+              "skip": _split(args.skip), "data_dir": args.data_dir}
+    for name in ("error_metric", "stop", "threshold", "calib", "calib_samples", "calib_seqlen"):
+        if hasattr(args, name):
+            kwargs[name] = getattr(args, name)
+    if args.command == "plan":
+        kwargs["backend"] = args.backend
+    if getattr(args, "top_m", None) is not None:
+        kwargs["top_m"] = None if args.top_m < 0 else args.top_m
+    if getattr(args, "ladder", None):
+        kwargs["ladder"] = _split(args.ladder)
+    return PlanConfig(**kwargs)
+
+
+def _cmd_plan(args) -> dict:
+    from .api import plan as make_plan
+
+    config = _plan_config(args, args.method, args.exact)
+    plan = make_plan(args.model, config, progress=not args.quiet, trust_remote_code=args.trust_remote_code)
+    plan.save(args.out)
+    result = {"model": args.model, **plan.summary(), "plan": args.out, "seconds": sum(plan.seconds.values())}
+    if args.plots:
+        from pathlib import Path
+
+        from .plots import plot_allocation, plot_profiles
+
+        folder = Path(args.plots)
+        result["plots"] = [str(plot_allocation(plan, folder / "allocation.png"))]
+        if plan.profiles:
+            result["plots"].append(str(plot_profiles(plan, folder / "scores.png")))
+    return result
+
+
 def _cmd_quantize(args) -> dict:
     from .api import model_size_bytes, quantize
     from .config import LayerSpec, QuantConfig
     from .gwq import GWQConfig
+
+    if args.plan or args.budget is not None:
+        return _cmd_quantize_planned(args)
 
     gwq = None
     if args.method == "gwq":
@@ -87,7 +167,7 @@ def _cmd_quantize(args) -> dict:
                         outlier_scope=args.outlier_scope, calib=args.calib, calib_samples=args.calib_samples,
                         calib_seqlen=args.calib_seqlen, act_order=args.act_order, seed=args.seed,
                         data_dir=args.data_dir)
-    grid = "rtn" if args.method == "gwq" else args.method
+    grid = args.grid if args.method == "gwq" else args.method
     spec = LayerSpec(method=grid, bits=args.bits, group_size=args.group_size, quant_meta=args.quant_meta)
     config = QuantConfig(default=spec, skip=[s.strip() for s in args.skip.split(",") if s.strip()])
     texts = _eval_texts(args)
@@ -95,6 +175,22 @@ def _cmd_quantize(args) -> dict:
                                         trust_remote_code=args.trust_remote_code, gwq=gwq)
     result = {"model": args.model, "spec": spec.to_dict(), **report.summary(),
               "model_bytes": model_size_bytes(model), "out": args.out}
+    result["ppl"] = _evaluate(model, tokenizer, texts, args)
+    return result
+
+
+def _cmd_quantize_planned(args) -> dict:
+    from .alloc.plan import Plan
+    from .api import model_size_bytes, quantize_with_plan
+    from .planning import BEST_METHOD
+
+    if args.plan and args.budget is not None:
+        raise SensiquantError("give either --plan or --budget, not both")
+    plan = Plan.load(args.plan) if args.plan else _plan_config(args, BEST_METHOD["method"], BEST_METHOD["exact"])
+    texts = _eval_texts(args)
+    model, tokenizer, report, plan = quantize_with_plan(args.model, plan, args.out, progress=not args.quiet,
+                                                        trust_remote_code=args.trust_remote_code)
+    result = {"model": args.model, **report.summary(), "model_bytes": model_size_bytes(model), "out": args.out}
     result["ppl"] = _evaluate(model, tokenizer, texts, args)
     return result
 
@@ -123,7 +219,15 @@ def _print_human(result: dict) -> None:
         if "seconds" in result:
             line += f", quantized in {result['seconds']:.1f} s"
         print(line)
-    print(f"model size {result['model_bytes'] / 2**20:.2f} MiB (all stored tensors)")
+    if "configs" in result:
+        print(f"plan: {result['method']}{' (exact)' if result['exact'] else ''}, budget "
+              f"{result['budget_bits_per_param']:.4f}, configs {result['configs']}, flagged {result['flagged']}")
+    if "model_bytes" in result:
+        print(f"model size {result['model_bytes'] / 2**20:.2f} MiB (all stored tensors)")
+    for path in [result.get("plan")] if isinstance(result.get("plan"), str) else []:
+        print(f"plan written to {path}")
+    for path in result.get("plots", []):
+        print(f"plot written to {path}")
     for name, r in result.get("ppl", {}).items():
         print(f"{name}: ppl {r['ppl']:.4f} ({r['n_windows']} windows x {r['seqlen']} tokens, {r['seconds']:.1f} s)")
     if result.get("out"):
@@ -140,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
     try:
-        result = _cmd_quantize(args) if args.command == "quantize" else _cmd_eval(args)
+        commands = {"quantize": _cmd_quantize, "plan": _cmd_plan, "eval": _cmd_eval}
+        result = commands[args.command](args)
     except SensiquantError as exc:
         print(f"sensiquant: error: {exc}", file=sys.stderr)
         return 2

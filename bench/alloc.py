@@ -1,0 +1,138 @@
+"""Layer-sensitive bits for a memory budget on SmolLM2-135M: uniform HQQ, MXQ, SensiBoost and KurtBoost (paper
+settings: boost on top of the budget) and our budget-exact mode (with and without GWQ outliers).
+
+Budgets are the exact bits/param of the uniform HQQ rungs with 8-bit scales/zeros (b2g32 below 3 bits, b3g128 =
+3.13 nominal, b3g64 = 3.25, b3g32 = 3.51, b4g128 = 4.13, b4g64 = 4.25), so every plan is compared with uniform HQQ at
+equal bytes. Two stages, one process each (run one benchmark at a time):
+
+    python bench/alloc.py --stage plans   # scores, errors, all plans -> bench/results/alloc_plans/*.json
+    python bench/alloc.py --stage eval    # each plan in a fresh process: quantize, WikiText-2 and C4 PPL
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import peak_rss_mb, run_all  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+BUDGET_RUNGS = ("b2g32", "b3g128", "b3g64", "b3g32", "b4g128", "b4g64")
+LOW = ("b2g32", "b3g128", "b3g64", "b3g32")  # budgets <= 3.51 get every variant
+VARIANTS = {  # name: (PlanConfig overrides, budgets)
+    "uniform": ({"method": "uniform"}, BUDGET_RUNGS),
+    "mxq": ({"method": "mxq"}, BUDGET_RUNGS),
+    "sensiboost": ({"method": "sensiboost"}, BUDGET_RUNGS),
+    "kurtboost": ({"method": "kurtboost"}, LOW),
+    "sensiboost exact": ({"method": "sensiboost", "exact": True}, BUDGET_RUNGS),
+    "kurtboost exact": ({"method": "kurtboost", "exact": True}, LOW),
+    "sensiboost exact fisher": ({"method": "sensiboost", "exact": True, "error_metric": "fisher"}, LOW),
+    "sensiboost exact fisher +gwq": ({"method": "sensiboost", "exact": True, "error_metric": "fisher",
+                                      "outlier_ratios": [0.0, 0.005, 0.01]}, LOW),
+}
+# The same plans applied with GPTQ (act-order, HQQ grid) instead of HQQ alone: sensiquant's best at these budgets
+GPTQ_VARIANTS = {"uniform": ("b3g32",), "sensiboost exact fisher +gwq": ("b3g32",)}
+
+
+def _plan_path(plans: Path, rung: str, variant: str) -> Path:
+    return plans / f"{rung}-{variant.replace(' ', '_').replace('+', 'plus')}.json"
+
+
+def make_plans(plans: Path, out: Path) -> None:
+    """Stage 1: every plan, sharing gradients, error tables and sensitivities through one cache."""
+    import numpy as np
+
+    from sensiquant.alloc import LadderConfig
+    from sensiquant.models import load_model
+    from sensiquant.planning import PlanConfig, make_plan
+    from sensiquant.scoring import option_costs
+    from sensiquant.walk import find_linears
+
+    model, tok = load_model("smollm2-135m")
+    layers = find_linears(model, PlanConfig().skip)
+    n_params = sum(layer.weight.numel() for layer in layers.values())
+    budgets = {}
+    for rung in BUDGET_RUNGS:
+        cost = option_costs(layers, [(LadderConfig.from_name(rung), 0.0)], "hqq")
+        budgets[rung] = float(np.sum(cost)) / n_params
+    cache: dict = {}
+    records = []
+    for variant, (overrides, rungs) in VARIANTS.items():
+        for rung in rungs:
+            start = time.perf_counter()
+            plan = make_plan(model, tok, PlanConfig(budget=budgets[rung], **overrides), progress=True,
+                             model_name="smollm2-135m", cache=cache)
+            plan.save(_plan_path(plans, rung, variant))
+            records.append({"variant": variant, "rung": rung, "budget": budgets[rung],
+                            "bits_per_param": plan.bits_per_param, "stage_seconds": plan.seconds,
+                            "wall_seconds": time.perf_counter() - start, "flagged": plan.summary()["flagged"],
+                            "configs": plan.config_counts()})
+            print(json.dumps(records[-1]), flush=True)
+            out.write_text(json.dumps({"budgets": budgets, "plans": records, "peak_rss_mb": peak_rss_mb()},
+                                      indent=2))
+
+
+def run_one(spec: dict, max_windows: int, seqlen: int) -> dict:
+    """Stage 2, in a fresh process: apply one plan and measure."""
+    import torch
+
+    from sensiquant.alloc.plan import Plan
+    from sensiquant.data import load_text
+    from sensiquant.eval import perplexity
+    from sensiquant.models import load_model
+    from sensiquant.planning import apply_plan
+
+    torch.manual_seed(0)
+    model, tok = load_model("smollm2-135m")
+    plan = Plan.load(spec["plan"])
+    plan.backend = spec.get("backend", plan.backend)
+    report, _ = apply_plan(model, tok, plan, progress=False)
+    assert report.quantized_bits == plan.total_bits, "plan and checkpoint disagree on the bits"
+    result = {"bits_per_param": report.bits_per_param, "budget": plan.budget_bits_per_param,
+              "quantize_seconds": report.seconds, "n_outliers": report.n_outliers,
+              "plan_seconds": sum(plan.seconds.values()), "flagged": plan.summary()["flagged"],
+              "configs": plan.config_counts()}
+    for name in ("wikitext2", "c4"):
+        result[f"ppl_{name}"] = perplexity(model, tok, load_text(name), seqlen, max_windows, progress=False).ppl
+    result["peak_rss_mb"] = peak_rss_mb()
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--stage", choices=["plans", "eval"], default="eval")
+    ap.add_argument("--max-windows", type=int, default=8)
+    ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--out", default=str(HERE / "results" / "alloc.json"))
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child is not None:
+        print(json.dumps(run_one(json.loads(args.child), args.max_windows, args.seqlen)))
+        return
+    results = Path(args.out).resolve().parent
+    plans = results / "alloc_plans"
+    if args.stage == "plans":
+        plans.mkdir(parents=True, exist_ok=True)
+        make_plans(plans, results / "alloc_plans.json")
+        return
+    # budgets <= 3.51 first (the claims are about them), 4-bit budgets last
+    order = [r for r in BUDGET_RUNGS if r in LOW] + [r for r in BUDGET_RUNGS if r not in LOW]
+    configs = [(f"{rung} {variant}", {"plan": str(_plan_path(plans, rung, variant)), "variant": variant,
+                                      "rung": rung})
+               for rung in order for variant, (_, rungs) in VARIANTS.items() if rung in rungs]
+    n_low = sum(1 for _, spec in configs if spec["rung"] in LOW)
+    configs[n_low:n_low] = [
+        (f"{rung} {variant} (gptq)", {"plan": str(_plan_path(plans, rung, variant)), "backend": "gptq",
+                                      "variant": f"{variant} (gptq)", "rung": rung})
+        for variant, rungs in GPTQ_VARIANTS.items() for rung in rungs]
+    header = {"model": "smollm2-135m", "datasets": ["wikitext2 test", "c4 (local 2k validation docs)"],
+              "seqlen": args.seqlen, "max_windows": args.max_windows}
+    run_all(__file__, configs, args.out, header, ["--max-windows", str(args.max_windows), "--seqlen", str(args.seqlen)])
+
+
+if __name__ == "__main__":
+    main()

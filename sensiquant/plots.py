@@ -1,0 +1,110 @@
+"""PNG plots of what a plan decided and why: the score profiles with the flagged layers, the bit allocation as a
+block x module heatmap, and perplexity against bits/param for benchmark runs."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .alloc.plan import Plan  # noqa: E402
+from .errors import SensiquantError  # noqa: E402
+
+
+def _save(fig, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _title(plan: Plan) -> str:
+    mode = " (budget-exact)" if plan.exact else ""
+    return (f"{plan.model or 'model'}: {plan.method}{mode}, {plan.bits_per_param:.3f} bits/param "
+            f"(budget {plan.budget_bits_per_param:.3f})")
+
+
+def plot_profiles(plan: Plan, path) -> Path:
+    """One panel per score (sensitivity, kurtosis): a line per type across blocks, flagged layers ringed in red."""
+    kinds = [k for k, profile in plan.profiles.items() if profile]
+    if not kinds:
+        raise SensiquantError("the plan has no score profiles to plot (uniform and MXQ plans score no layers)")
+    fig, axes = plt.subplots(len(kinds), 1, figsize=(10, 3.6 * len(kinds)), squeeze=False)
+    for ax, kind in zip(axes[:, 0], kinds):
+        for part, values in plan.profiles[kind].items():
+            ax.plot(range(len(values)), values, marker=".", label=part)
+            for f in plan.flagged:
+                if f.get("score") == kind and f["part"] == part and f["block"] < len(values):
+                    y = values[f["block"]]
+                    ax.scatter([f["block"]], [y], s=160, facecolors="none", edgecolors="red", linewidths=2, zorder=5)
+                    ax.annotate(f"z={f['zscore']:.1f}", (f["block"], y), textcoords="offset points",
+                                xytext=(6, 6), color="red", fontsize=8)
+        ax.set_yscale("log")
+        ax.set_xlabel("block")
+        ax.set_ylabel("output MSE at base config" if kind == "sensitivity" else "kurtosis (Pearson)")
+        ax.set_title(f"{kind} per block (red: flagged outlier layers)")
+        ax.legend(fontsize=7, ncol=4)
+        ax.grid(alpha=0.3)
+    fig.suptitle(_title(plan))
+    return _save(fig, path)
+
+
+def plot_allocation(plan: Plan, path) -> Path:
+    """Heatmap of exact bits/param per layer, rows = blocks, columns = modules; boosted layers marked with *."""
+    modules: list[str] = []
+    for layer in plan.layers:
+        if layer.module not in modules:
+            modules.append(layer.module)
+    blocks = sorted({layer.block for layer in plan.layers if layer.block is not None})
+    rows = blocks + (["other"] if any(layer.block is None for layer in plan.layers) else [])
+    grid = [[math.nan] * len(modules) for _ in rows]
+    text = [[""] * len(modules) for _ in rows]
+    for layer in plan.layers:
+        r = rows.index(layer.block if layer.block is not None else "other")
+        c = modules.index(layer.module)
+        grid[r][c] = layer.bits / layer.numel
+        label = layer.config[1:].replace("g", "/")  # b3g64 -> 3/64
+        if layer.outlier_ratio:
+            label += f"+{layer.outlier_ratio * 100:g}%"
+        if layer.allocated and layer.config != layer.allocated:
+            label += "*"
+        text[r][c] = label
+    fig, ax = plt.subplots(figsize=(1.3 * len(modules) + 3, 0.28 * len(rows) + 2))
+    image = ax.imshow(grid, aspect="auto", cmap="viridis")
+    fig.colorbar(image, ax=ax, label="bits/param")
+    for r, row in enumerate(text):
+        for c, label in enumerate(row):
+            ax.text(c, r, label, ha="center", va="center", fontsize=6,
+                    color="white" if label and not label.endswith("*") else "red")
+    ax.set_xticks(range(len(modules)), [m.rsplit(".", 1)[-1] for m in modules], rotation=30, ha="right")
+    ax.set_yticks(range(len(rows)), [str(r) for r in rows], fontsize=6)
+    ax.set_ylabel("block")
+    ax.set_title(_title(plan) + "\ncell: bits/group (+outliers), * = boosted", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_ppl_vs_bits(rows: list[dict], path, metric: str = "ppl_wikitext2", title: str | None = None) -> Path:
+    """Perplexity against exact bits/param, one line per method (rows: dicts with method, bits_per_param, metric)."""
+    by_method: dict[str, list[tuple[float, float]]] = {}
+    for row in rows:
+        value = row.get(metric)
+        if isinstance(value, int | float) and math.isfinite(value) and "bits_per_param" in row:
+            by_method.setdefault(row["method"], []).append((row["bits_per_param"], value))
+    if not by_method:
+        raise SensiquantError(f"no row has {metric!r} to plot")
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for method, points in by_method.items():
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+    ax.set_yscale("log")
+    ax.set_xlabel("bits/param (exact, everything counted)")
+    ax.set_ylabel(metric.replace("ppl_", "perplexity, "))
+    ax.set_title(title or f"{metric} against bits/param")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
