@@ -7,30 +7,33 @@ equal bytes. Two stages, one process each (run one benchmark at a time):
 
     python bench/alloc.py --stage plans   # scores, errors, all plans -> bench/results/alloc_plans/*.json
     python bench/alloc.py --stage eval    # each plan in a fresh process: quantize, WikiText-2 and C4 PPL
+
+Rows (machine time on 2 cores is the limit): every budget runs uniform and SensiBoost budget-exact; budgets <= 3.51
+add MXQ and budget-exact + Fisher + GWQ outliers; the three 3-bit budgets add SensiBoost and KurtBoost (paper mode)
+and KurtBoost budget-exact; the b3g32 budget also applies uniform and the +GWQ plan with GPTQ.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import peak_rss_mb, run_all  # noqa: E402
+from common import bench_parser, eval_args, peak_rss_mb, run_all, run_child_if_asked  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 BUDGET_RUNGS = ("b2g32", "b3g128", "b3g64", "b3g32", "b4g128", "b4g64")
-LOW = ("b2g32", "b3g128", "b3g64", "b3g32")  # budgets <= 3.51 get every variant
+LOW = ("b2g32", "b3g128", "b3g64", "b3g32")  # budgets <= 3.51 get every variant (but b2g32: see MID)
+MID = ("b3g128", "b3g64", "b3g32")
 VARIANTS = {  # name: (PlanConfig overrides, budgets)
     "uniform": ({"method": "uniform"}, BUDGET_RUNGS),
-    "mxq": ({"method": "mxq"}, BUDGET_RUNGS),
-    "sensiboost": ({"method": "sensiboost"}, BUDGET_RUNGS),
-    "kurtboost": ({"method": "kurtboost"}, LOW),
+    "mxq": ({"method": "mxq"}, LOW),
+    "sensiboost": ({"method": "sensiboost"}, MID),
+    "kurtboost": ({"method": "kurtboost"}, MID),
     "sensiboost exact": ({"method": "sensiboost", "exact": True}, BUDGET_RUNGS),
-    "kurtboost exact": ({"method": "kurtboost", "exact": True}, LOW),
-    "sensiboost exact fisher": ({"method": "sensiboost", "exact": True, "error_metric": "fisher"}, LOW),
+    "kurtboost exact": ({"method": "kurtboost", "exact": True}, MID),
     "sensiboost exact fisher +gwq": ({"method": "sensiboost", "exact": True, "error_metric": "fisher",
                                       "outlier_ratios": [0.0, 0.005, 0.01]}, LOW),
 }
@@ -103,15 +106,10 @@ def run_one(spec: dict, max_windows: int, seqlen: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = bench_parser(HERE / "results" / "alloc.json")
     ap.add_argument("--stage", choices=["plans", "eval"], default="eval")
-    ap.add_argument("--max-windows", type=int, default=8)
-    ap.add_argument("--seqlen", type=int, default=2048)
-    ap.add_argument("--out", default=str(HERE / "results" / "alloc.json"))
-    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.child is not None:
-        print(json.dumps(run_one(json.loads(args.child), args.max_windows, args.seqlen)))
+    if run_child_if_asked(args, run_one):
         return
     results = Path(args.out).resolve().parent
     plans = results / "alloc_plans"
@@ -119,19 +117,22 @@ def main() -> None:
         plans.mkdir(parents=True, exist_ok=True)
         make_plans(plans, results / "alloc_plans.json")
         return
-    # budgets <= 3.51 first (the claims are about them), 4-bit budgets last
-    order = [r for r in BUDGET_RUNGS if r in LOW] + [r for r in BUDGET_RUNGS if r not in LOW]
-    configs = [(f"{rung} {variant}", {"plan": str(_plan_path(plans, rung, variant)), "variant": variant,
-                                      "rung": rung})
-               for rung in order for variant, (_, rungs) in VARIANTS.items() if rung in rungs]
-    n_low = sum(1 for _, spec in configs if spec["rung"] in LOW)
-    configs[n_low:n_low] = [
-        (f"{rung} {variant} (gptq)", {"plan": str(_plan_path(plans, rung, variant)), "backend": "gptq",
-                                      "variant": f"{variant} (gptq)", "rung": rung})
-        for variant, rungs in GPTQ_VARIANTS.items() for rung in rungs]
+    # Most telling rows first (uniform and our best two at every budget <= 3.51, then GPTQ, then the rest), so an
+    # interrupted run still answers the main question.
+    def row(rung, variant, backend=None):
+        spec = {"plan": str(_plan_path(plans, rung, variant)), "variant": variant, "rung": rung}
+        if backend:
+            spec.update(backend=backend, variant=f"{variant} ({backend})")
+        return f"{rung} {spec['variant']}", spec
+
+    first = ("uniform", "sensiboost exact fisher +gwq", "sensiboost exact")
+    configs = [row(rung, v) for rung in ("b3g64", "b3g128", "b3g32", "b2g32") for v in first]
+    configs += [row(rung, v, "gptq") for v, rungs in GPTQ_VARIANTS.items() for rung in rungs]
+    configs += [row(rung, v) for rung in BUDGET_RUNGS for v, (_, rungs) in VARIANTS.items()
+                if rung in rungs and row(rung, v) not in configs]
     header = {"model": "smollm2-135m", "datasets": ["wikitext2 test", "c4 (local 2k validation docs)"],
               "seqlen": args.seqlen, "max_windows": args.max_windows}
-    run_all(__file__, configs, args.out, header, ["--max-windows", str(args.max_windows), "--seqlen", str(args.seqlen)])
+    run_all(__file__, configs, args.out, header, eval_args(args))
 
 
 if __name__ == "__main__":

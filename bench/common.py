@@ -3,6 +3,7 @@ are appended to a JSON file as they come, so an interrupted run resumes where it
 
 from __future__ import annotations
 
+import argparse
 import json
 import resource
 import subprocess
@@ -41,3 +42,25 @@ def run_all(script: str, configs: list[tuple[str, dict | None]], out: str, heade
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({**header, "rows": rows}, indent=2))
     return rows
+
+
+def bench_parser(default_out: Path) -> argparse.ArgumentParser:
+    """The options every benchmark takes: windows, window length, results file, and the hidden child hook."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--max-windows", type=int, default=8)
+    ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--out", default=str(default_out))
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    return ap
+
+
+def run_child_if_asked(args, run_one) -> bool:
+    """In a child process: run the one configuration, print its result as JSON, and say so."""
+    if args.child is None:
+        return False
+    print(json.dumps(run_one(json.loads(args.child), args.max_windows, args.seqlen)))
+    return True
+
+
+def eval_args(args) -> list[str]:
+    return ["--max-windows", str(args.max_windows), "--seqlen", str(args.seqlen)]

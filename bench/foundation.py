@@ -9,14 +9,12 @@ why the package loses to RTN at 3 bits. Each configuration runs in its own proce
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import peak_rss_mb, run_all  # noqa: E402
+from common import bench_parser, eval_args, peak_rss_mb, run_all, run_child_if_asked  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = [("base", None)] + [
@@ -75,21 +73,16 @@ def _package_quantize(model, bits: int, group_size: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--max-windows", type=int, default=8)
-    ap.add_argument("--seqlen", type=int, default=2048)
-    ap.add_argument("--out", default=str(HERE / "results" / "foundation.json"))
+    ap = bench_parser(HERE / "results" / "foundation.json")
     ap.add_argument("--only", default=None, help="run only configs whose name contains this")
     ap.add_argument("--fresh", action="store_true", help="ignore results already in --out")
-    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.child is not None:
-        print(json.dumps(run_one(json.loads(args.child), args.max_windows, args.seqlen)))
+    if run_child_if_asked(args, run_one):
         return
     configs = [(n, s) for n, s in CONFIGS if not args.only or args.only in n]
     header = {"model": "smollm2-135m", "dataset": "wikitext2 test", "seqlen": args.seqlen,
               "max_windows": args.max_windows}
-    run_all(__file__, configs, args.out, header, ["--max-windows", str(args.max_windows), "--seqlen", str(args.seqlen)],
+    run_all(__file__, configs, args.out, header, eval_args(args),
             resume=not args.fresh)
 
 

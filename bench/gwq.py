@@ -5,23 +5,21 @@ Grids (run one or more with --grid; results accumulate in bench/results/gwq.json
   g64       3-bit g64: gptq at 0 and 1%, rtn and hqq at 1% (their 0% rows are in the foundation benchmark), and
             gptq 1% with 8-bit scales/zeros
   saliency  3-bit g128, 1% outliers: gptq x saliencies {grad, grad_weight, fisher, hessian, activation, magnitude,
-            random}; rtn x {grad, magnitude, random}
+            random}; rtn x {grad, activation, magnitude, random}
   calib     3-bit g128, 1% |g| outliers, gptq, calibration {1, 16} sequences (4 is in core)
-  best      GPTQ with act-order on the HQQ grid: 3-bit g128 at 0/1%, 3-bit g64 8-bit meta at 0/0.99%
-            (|g|, Fisher, Hessian)
+  best      GPTQ with act-order on the HQQ grid: 3-bit g128 at 1%, 3-bit g64 8-bit meta at 0 and 0.99%
+            (|g| and Hessian)
 
     python bench/gwq.py --grid core,saliency
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import peak_rss_mb, run_all  # noqa: E402
+from common import bench_parser, eval_args, peak_rss_mb, run_all, run_child_if_asked  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SALIENCIES = ("grad", "grad_weight", "fisher", "hessian", "activation", "magnitude", "random")
@@ -44,11 +42,11 @@ def grids() -> dict[str, list]:
         "g64": [_cfg(3, 64, "gptq", 0.0)] + [_cfg(3, 64, b, 0.01) for b in ("gptq", "rtn", "hqq")]
         + [_cfg(3, 64, "gptq", 0.01, quant_meta=True)],
         "saliency": [_cfg(3, 128, "gptq", 0.01, s) for s in SALIENCIES]
-        + [_cfg(3, 128, "rtn", 0.01, s) for s in ("grad", "magnitude", "random")],
+        + [_cfg(3, 128, "rtn", 0.01, s) for s in ("grad", "activation", "magnitude", "random")],
         "calib": [_cfg(3, 128, "gptq", 0.01, "grad", n) for n in (1, 16)],
-        "best": [_cfg(3, 128, "gptq", r, act_order=True, grid="hqq") for r in (0.0, 0.01)]
+        "best": [_cfg(3, 128, "gptq", 0.01, act_order=True, grid="hqq")]
         + [_cfg(3, 64, "gptq", r, s, quant_meta=True, act_order=True, grid="hqq")
-           for r, s in ((0.0, "grad"), (0.0099, "grad"), (0.0099, "fisher"), (0.0099, "hessian"))],
+           for r, s in ((0.0, "grad"), (0.0099, "grad"), (0.0099, "hessian"))],
     }
 
 
@@ -78,21 +76,16 @@ def run_one(spec: dict, max_windows: int, seqlen: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = bench_parser(HERE / "results" / "gwq.json")
     ap.add_argument("--grid", default="core")
-    ap.add_argument("--max-windows", type=int, default=8)
-    ap.add_argument("--seqlen", type=int, default=2048)
-    ap.add_argument("--out", default=str(HERE / "results" / "gwq.json"))
-    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.child is not None:
-        print(json.dumps(run_one(json.loads(args.child), args.max_windows, args.seqlen)))
+    if run_child_if_asked(args, run_one):
         return
     all_grids = grids()
     configs = [c for g in args.grid.split(",") for c in all_grids[g]]
     header = {"model": "smollm2-135m", "datasets": ["wikitext2 test", "c4 (local 2k validation docs)"],
               "seqlen": args.seqlen, "max_windows": args.max_windows}
-    run_all(__file__, configs, args.out, header, ["--max-windows", str(args.max_windows), "--seqlen", str(args.seqlen)])
+    run_all(__file__, configs, args.out, header, eval_args(args))
 
 
 if __name__ == "__main__":

@@ -84,7 +84,31 @@ TABLES = {"foundation": ("foundation.json", foundation_table), "hqq_parity": ("h
           "gwq": ("gwq.json", gwq_table), "alloc": ("alloc.json", alloc_table)}
 
 
+def alloc_plots() -> list[Path]:
+    """PPL against bits/param for every method of bench/alloc.py, and what two plans decided and why."""
+    from sensiquant.alloc.plan import Plan
+    from sensiquant.plots import plot_allocation, plot_ppl_vs_bits, plot_profiles
+
+    results = HERE / "results"
+    if not (results / "alloc.json").is_file():
+        return []
+    rows = [{"method": r["spec"]["variant"], **r} for r in json.loads((results / "alloc.json").read_text())["rows"]
+            if "error" not in r]
+    written = [plot_ppl_vs_bits(rows, results / f"alloc_{m}.png", f"ppl_{m}",
+                                f"SmolLM2-135M, {name}: PPL against exact bits/param")
+               for m, name in (("wikitext2", "WikiText-2"), ("c4", "C4"))]
+    for stem in ("b3g64-sensiboost_exact", "b3g64-kurtboost_exact", "b3g32-sensiboost_exact_fisher_plusgwq"):
+        path = results / "alloc_plans" / f"{stem}.json"
+        if path.is_file():
+            plan = Plan.load(path)
+            written.append(plot_allocation(plan, results / f"{stem}-allocation.png"))
+            if plan.profiles:
+                written.append(plot_profiles(plan, results / f"{stem}-scores.png"))
+    return written
+
+
 def main() -> None:
+    alloc_plots()
     text = DOC.read_text()
     for name, (file, render) in TABLES.items():
         path = HERE / "results" / file

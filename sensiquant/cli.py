@@ -186,7 +186,13 @@ def _cmd_quantize_planned(args) -> dict:
 
     if args.plan and args.budget is not None:
         raise SensiquantError("give either --plan or --budget, not both")
-    plan = Plan.load(args.plan) if args.plan else _plan_config(args, BEST_METHOD["method"], BEST_METHOD["exact"])
+    if args.plan:
+        plan = Plan.load(args.plan)
+    else:
+        import dataclasses
+
+        best = {k: v for k, v in BEST_METHOD.items() if k not in ("method", "exact")}
+        plan = dataclasses.replace(_plan_config(args, BEST_METHOD["method"], BEST_METHOD["exact"]), **best)
     texts = _eval_texts(args)
     model, tokenizer, report, plan = quantize_with_plan(args.model, plan, args.out, progress=not args.quiet,
                                                         trust_remote_code=args.trust_remote_code)

@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .alloc.plan import Plan  # noqa: E402
 from .errors import SensiquantError  # noqa: E402
@@ -31,21 +32,30 @@ def _title(plan: Plan) -> str:
 
 def plot_profiles(plan: Plan, path) -> Path:
     """One panel per score (sensitivity, kurtosis): a line per type across blocks, flagged layers ringed in red."""
-    kinds = [k for k, profile in plan.profiles.items() if profile]
+    kinds = [k for k, profile in (plan.profiles or {}).items() if profile and any(profile.values())]
     if not kinds:
         raise SensiquantError("the plan has no score profiles to plot (uniform and MXQ plans score no layers)")
-    fig, axes = plt.subplots(len(kinds), 1, figsize=(10, 3.6 * len(kinds)), squeeze=False)
+    fig, axes = plt.subplots(len(kinds), 1, figsize=(10, 3.6 * len(kinds)), squeeze=False, layout="constrained")
     for ax, kind in zip(axes[:, 0], kinds):
         for part, values in plan.profiles[kind].items():
-            ax.plot(range(len(values)), values, marker=".", label=part)
-            for f in plan.flagged:
-                if f.get("score") == kind and f["part"] == part and f["block"] < len(values):
-                    y = values[f["block"]]
-                    ax.scatter([f["block"]], [y], s=160, facecolors="none", edgecolors="red", linewidths=2, zorder=5)
-                    ax.annotate(f"z={f['zscore']:.1f}", (f["block"], y), textcoords="offset points",
-                                xytext=(6, 6), color="red", fontsize=8)
+            if values:
+                ax.plot(range(len(values)), values, marker=".", label=part)
+        marked = [(f, plan.profiles[kind][f["part"]][f["block"]]) for f in plan.flagged
+                  if f.get("score", kind) == kind and 0 <= f["block"] < len(plan.profiles[kind].get(f["part"], []))]
+        top: dict[int, float] = {}  # labels of flags sharing a block are stacked above the highest of them
+        for f, y in marked:
+            top[f["block"]] = max(top.get(f["block"], y), y)
+        stacked: dict[int, int] = {}
+        for f, y in sorted(marked, key=lambda item: -item[1]):
+            ax.scatter([f["block"]], [y], s=160, facecolors="none", edgecolors="red", linewidths=2, zorder=5)
+            k = stacked[f["block"]] = stacked.get(f["block"], -1) + 1
+            ax.annotate(f"{f['part']} z={f['zscore']:.1f}", (f["block"], top[f["block"]]), textcoords="offset points",
+                        xytext=(8, 6 + 10 * k), color="red", fontsize=7)
+        if stacked:  # headroom so the stacked labels stay inside the panel
+            ax.margins(y=0.08 + 0.06 * (max(stacked.values()) + 1))
         ax.set_yscale("log")
         ax.set_xlabel("block")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("output MSE at base config" if kind == "sensitivity" else "kurtosis (Pearson)")
         ax.set_title(f"{kind} per block (red: flagged outlier layers)")
         ax.legend(fontsize=7, ncol=4)
@@ -55,7 +65,7 @@ def plot_profiles(plan: Plan, path) -> Path:
 
 
 def plot_allocation(plan: Plan, path) -> Path:
-    """Heatmap of exact bits/param per layer, rows = blocks, columns = modules; boosted layers marked with *."""
+    """Heatmap of exact bits/param per layer, rows = blocks, columns = modules; boosted layers bold with *."""
     modules: list[str] = []
     for layer in plan.layers:
         if layer.module not in modules:
@@ -63,28 +73,32 @@ def plot_allocation(plan: Plan, path) -> Path:
     blocks = sorted({layer.block for layer in plan.layers if layer.block is not None})
     rows = blocks + (["other"] if any(layer.block is None for layer in plan.layers) else [])
     grid = [[math.nan] * len(modules) for _ in rows]
-    text = [[""] * len(modules) for _ in rows]
+    text: list[list[tuple[str, bool] | None]] = [[None] * len(modules) for _ in rows]
     for layer in plan.layers:
         r = rows.index(layer.block if layer.block is not None else "other")
         c = modules.index(layer.module)
         grid[r][c] = layer.bits / layer.numel
-        label = layer.config[1:].replace("g", "/")  # b3g64 -> 3/64
+        label = layer.config
         if layer.outlier_ratio:
             label += f"+{layer.outlier_ratio * 100:g}%"
-        if layer.allocated and layer.config != layer.allocated:
-            label += "*"
-        text[r][c] = label
-    fig, ax = plt.subplots(figsize=(1.3 * len(modules) + 3, 0.28 * len(rows) + 2))
+        boosted = bool(layer.allocated) and layer.config != layer.allocated
+        text[r][c] = (label + "*" if boosted else label, boosted)
+    fig, ax = plt.subplots(figsize=(1.4 * len(modules) + 3, 0.28 * len(rows) + 2))
     image = ax.imshow(grid, aspect="auto", cmap="viridis")
     fig.colorbar(image, ax=ax, label="bits/param")
     for r, row in enumerate(text):
-        for c, label in enumerate(row):
-            ax.text(c, r, label, ha="center", va="center", fontsize=6,
-                    color="white" if label and not label.endswith("*") else "red")
+        for c, cell in enumerate(row):
+            if not cell:
+                continue
+            label, boosted = cell
+            red, green, blue, _ = image.cmap(image.norm(grid[r][c]))
+            light = 0.299 * red + 0.587 * green + 0.114 * blue > 0.5  # dark text on the light end of the map
+            ax.text(c, r, label, ha="center", va="center", fontsize=6, color="black" if light else "white",
+                    fontweight="bold" if boosted else "normal")
     ax.set_xticks(range(len(modules)), [m.rsplit(".", 1)[-1] for m in modules], rotation=30, ha="right")
     ax.set_yticks(range(len(rows)), [str(r) for r in rows], fontsize=6)
     ax.set_ylabel("block")
-    ax.set_title(_title(plan) + "\ncell: bits/group (+outliers), * = boosted", fontsize=9)
+    ax.set_title(_title(plan) + "\ncell: rung (+FP16 outliers), bold * = boosted", fontsize=9)
     return _save(fig, path)
 
 

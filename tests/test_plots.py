@@ -1,5 +1,7 @@
 """Plots render real PNGs from a hand-made plan, and refuse to plot nothing."""
 
+from __future__ import annotations
+
 import pytest
 
 from sensiquant import SensiquantError
@@ -18,7 +20,9 @@ def _plan() -> Plan:
                             part="lm_head", allocated="b8g64"))
     profiles = {"sensitivity": {m: [1e-3, 5e-3, 1.1e-3] for m in MODULES}, "kurtosis": {m: [3.0, 9.0, 3.2]
                                                                                        for m in MODULES}}
-    flagged = [{"block": 1, "part": "mlp.up_proj", "zscore": 4.2, "score": "sensitivity"}]
+    flagged = [{"block": 1, "part": "mlp.up_proj", "zscore": 4.2, "score": "sensitivity"},
+               {"block": 1, "part": "mlp.down_proj", "zscore": 3.1, "score": "sensitivity"},
+               {"block": 1, "part": "self_attn.q_proj", "zscore": 3.5, "score": "kurtosis"}]
     return Plan(method="sensiboost", budget_bits_per_param=3.3, layers=layers, exact=True, profiles=profiles,
                 flagged=flagged)
 
@@ -32,14 +36,20 @@ def test_profiles_and_allocation_plots(tmp_path):
     plan = _plan()
     assert _is_png(plot_profiles(plan, tmp_path / "a" / "scores.png"))
     assert _is_png(plot_allocation(plan, tmp_path / "alloc.png"))
-    plan.profiles = {}
-    with pytest.raises(SensiquantError, match="no score profiles"):
-        plot_profiles(plan, tmp_path / "none.png")
+    plan.profiles = {"kurtosis": plan.profiles["kurtosis"]}  # one panel only; sensitivity flags are ignored
+    assert _is_png(plot_profiles(plan, tmp_path / "kurt.png"))
+    for empty in ({}, {"sensitivity": {}}, {"sensitivity": {"attn.qkv": []}}):
+        plan.profiles = empty
+        with pytest.raises(SensiquantError, match="no score profiles"):
+            plot_profiles(plan, tmp_path / "none.png")
 
 
 def test_ppl_vs_bits(tmp_path):
     rows = [{"method": "uniform", "bits_per_param": b, "ppl_wikitext2": p} for b, p in ((3.1, 90.0), (4.1, 25.0))]
-    rows += [{"method": "mxq", "bits_per_param": 3.2, "ppl_wikitext2": 70.0}, {"method": "mxq", "bits_per_param": 3.5}]
+    rows += [{"method": "mxq", "bits_per_param": 3.2, "ppl_wikitext2": 70.0}, {"method": "mxq", "bits_per_param": 3.5},
+             {"method": "mxq", "bits_per_param": 2.1, "ppl_wikitext2": float("nan")}]
     assert _is_png(plot_ppl_vs_bits(rows, tmp_path / "ppl.png"))
     with pytest.raises(SensiquantError, match="no row"):
         plot_ppl_vs_bits(rows, tmp_path / "c4.png", metric="ppl_c4")
+    with pytest.raises(SensiquantError, match="no row"):
+        plot_ppl_vs_bits([{"method": "mxq", "bits_per_param": 3.0, "ppl_wikitext2": float("inf")}], tmp_path / "x.png")
