@@ -113,7 +113,8 @@ def _split(text: str) -> list[str]:
     return [s.strip() for s in text.split(",") if s.strip()]
 
 
-def _plan_config(args, method: str, exact: bool):
+def _plan_config(args, method: str, exact: bool = False, **overrides):
+    """The PlanConfig of a command line; ``overrides`` (e.g. the best method's settings) win over the flags."""
     from .planning import PlanConfig
 
     try:
@@ -131,7 +132,7 @@ def _plan_config(args, method: str, exact: bool):
         kwargs["top_m"] = None if args.top_m < 0 else args.top_m
     if getattr(args, "ladder", None):
         kwargs["ladder"] = _split(args.ladder)
-    return PlanConfig(**kwargs)
+    return PlanConfig(**{**kwargs, **overrides})
 
 
 def _cmd_plan(args) -> dict:
@@ -169,7 +170,7 @@ def _cmd_quantize(args) -> dict:
                         data_dir=args.data_dir)
     grid = args.grid if args.method == "gwq" else args.method
     spec = LayerSpec(method=grid, bits=args.bits, group_size=args.group_size, quant_meta=args.quant_meta)
-    config = QuantConfig(default=spec, skip=[s.strip() for s in args.skip.split(",") if s.strip()])
+    config = QuantConfig(default=spec, skip=_split(args.skip))
     texts = _eval_texts(args)
     model, tokenizer, report = quantize(args.model, config, args.out, progress=not args.quiet,
                                         trust_remote_code=args.trust_remote_code, gwq=gwq)
@@ -186,13 +187,7 @@ def _cmd_quantize_planned(args) -> dict:
 
     if args.plan and args.budget is not None:
         raise SensiquantError("give either --plan or --budget, not both")
-    if args.plan:
-        plan = Plan.load(args.plan)
-    else:
-        import dataclasses
-
-        best = {k: v for k, v in BEST_METHOD.items() if k not in ("method", "exact")}
-        plan = dataclasses.replace(_plan_config(args, BEST_METHOD["method"], BEST_METHOD["exact"]), **best)
+    plan = Plan.load(args.plan) if args.plan else _plan_config(args, **BEST_METHOD)
     texts = _eval_texts(args)
     model, tokenizer, report, plan = quantize_with_plan(args.model, plan, args.out, progress=not args.quiet,
                                                         trust_remote_code=args.trust_remote_code)

@@ -119,7 +119,7 @@ def make_plan(model: nn.Module, tokenizer, config: PlanConfig, progress: bool = 
     costs = option_costs(layers, options, config.grid)
     n_params = sum(layer.weight.numel() for layer in layers.values())
     budget_bits = config.budget * n_params
-    uniform = _uniform_rung(ladder, options, costs, budget_bits)
+    uniform = _uniform_rung(options, costs, budget_bits)
 
     plan = Plan(method=config.method, budget_bits_per_param=config.budget, layers=[], exact=config.exact,
                 model=model_name, grid=config.grid, backend=config.backend, outlier_saliency=config.outlier_saliency,
@@ -195,7 +195,7 @@ def _error_table(layers, options, config: PlanConfig, saliency, gradients, cache
     return np.stack([cache[key(o, config.error_metric)] for o in options], axis=1)
 
 
-def _uniform_rung(ladder, options, costs, budget_bits) -> LadderConfig | None:
+def _uniform_rung(options, costs, budget_bits) -> LadderConfig | None:
     """The most expensive single rung (no outliers) whose exact total fits the budget."""
     best = None
     for j, (c, r) in enumerate(options):
@@ -246,6 +246,12 @@ def _flag_layers(model, tokenizer, layers, sites, config: PlanConfig, base: Ladd
     return flagged if config.top_m is None else flagged[: config.top_m]
 
 
+def _members(flag: dict, names, sites) -> list[int]:
+    """Indices of the layers a flagged (block, type) pair covers."""
+    return [i for i, name in enumerate(names)
+            if sites[name].block == flag["block"] and getattr(sites[name], flag["key"]) == flag["part"]]
+
+
 def _boost(flagged, names, sites, options, option_index, ladder, config: PlanConfig, costs, errors, budget_bits,
            allocated, reasons, plan: Plan):
     """Raise the flagged layers ``stop`` rungs; in exact mode re-solve the rest so the budget still holds."""
@@ -253,12 +259,10 @@ def _boost(flagged, names, sites, options, option_index, ladder, config: PlanCon
     while True:
         boosted: dict[int, int] = {}
         for f in flagged:
-            for i, name in enumerate(names):
-                site = sites[name]
-                if site.block == f["block"] and getattr(site, f["key"]) == f["part"]:
-                    rung, ratio = options[allocated[i]]
-                    up = step_up(rung, ladder, config.stop)
-                    boosted[i] = option_index.get((up.name, ratio), option_index[(up.name, 0.0)])
+            for i in _members(f, names, sites):
+                rung, ratio = options[allocated[i]]
+                up = step_up(rung, ladder, config.stop)
+                boosted[i] = option_index.get((up.name, ratio), option_index[(up.name, 0.0)])
         if not config.exact:
             choice = allocated.copy()
             for i, j in boosted.items():
@@ -273,11 +277,9 @@ def _boost(flagged, names, sites, options, option_index, ladder, config: PlanCon
             flagged = flagged[:-1]  # the boost does not fit: drop the weakest flagged layer and retry
     plan.flagged = [{k: v for k, v in f.items() if k != "key"} for f in flagged]
     for f in flagged:
-        for i, name in enumerate(names):
-            site = sites[name]
-            if site.block == f["block"] and getattr(site, f["key"]) == f["part"]:
-                reasons[i] = (f"boosted {config.stop} rungs from {options[allocated[i]][0].name}: {f['score']} "
-                              f"jump at block {f['block']} {f['part']} (z = {f['zscore']:.2f} > {config.threshold})")
+        for i in _members(f, names, sites):
+            reasons[i] = (f"boosted {config.stop} rungs from {options[allocated[i]][0].name}: {f['score']} "
+                          f"jump at block {f['block']} {f['part']} (z = {f['zscore']:.2f} > {config.threshold})")
     if config.exact:
         for i in range(len(names)):
             if i not in boosted and choice[i] != allocated[i]:
@@ -292,7 +294,8 @@ def apply_plan(model: nn.Module, tokenizer, plan: Plan, progress: bool = True):
     from .gwq import GWQConfig, gwq_quantize
     from .quantize import quantize_model
 
-    missing = [layer.name for layer in plan.layers if layer.name not in dict(model.named_modules())]
+    modules = dict(model.named_modules())
+    missing = [layer.name for layer in plan.layers if layer.name not in modules]
     if missing:
         raise SensiquantError(f"the plan names layers this model does not have: {', '.join(missing[:3])} ...")
     config = plan.to_quant_config(skip=plan.settings.get("skip"))

@@ -85,10 +85,6 @@ class Plan:
         return self.total_bits / max(self.total_params, 1)
 
     @property
-    def budget_bits(self) -> int:
-        return int(self.budget_bits_per_param * self.total_params)
-
-    @property
     def has_outliers(self) -> bool:
         return any(layer.outlier_ratio > 0 for layer in self.layers)
 
