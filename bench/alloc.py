@@ -8,9 +8,9 @@ equal bytes. Two stages, one process each (run one benchmark at a time):
     python bench/alloc.py --stage plans   # scores, errors, all plans -> bench/results/alloc_plans/*.json
     python bench/alloc.py --stage eval    # each plan in a fresh process: quantize, WikiText-2 and C4 PPL
 
-Rows (machine time on 2 cores is the limit): every budget runs uniform and SensiBoost budget-exact; budgets <= 3.51
-add MXQ and budget-exact + Fisher + GWQ outliers; the three 3-bit budgets add SensiBoost and KurtBoost (paper mode)
-and KurtBoost budget-exact; the b3g32 budget also applies uniform and the +GWQ plan with GPTQ.
+Rows: every method at every budget; the b3g32 budget also applies uniform and the +GWQ plan with GPTQ, and a
+3.60 bits/param budget (the GWQ target of issue 3) applies the +GWQ plan with HQQ and with GPTQ. Both stages resume:
+plans already on disk and rows already measured are kept.
 """
 
 from __future__ import annotations
@@ -25,20 +25,20 @@ from common import bench_parser, eval_args, peak_rss_mb, run_all, run_child_if_a
 
 HERE = Path(__file__).resolve().parent
 BUDGET_RUNGS = ("b2g32", "b3g128", "b3g64", "b3g32", "b4g128", "b4g64")
-LOW = ("b2g32", "b3g128", "b3g64", "b3g32")  # budgets <= 3.51 get every variant (but b2g32: see MID)
-MID = ("b3g128", "b3g64", "b3g32")
+BEST = {"method": "sensiboost", "exact": True, "error_metric": "fisher", "outlier_ratios": [0.0, 0.005, 0.01]}
 VARIANTS = {  # name: (PlanConfig overrides, budgets)
     "uniform": ({"method": "uniform"}, BUDGET_RUNGS),
-    "mxq": ({"method": "mxq"}, LOW),
-    "sensiboost": ({"method": "sensiboost"}, MID),
-    "kurtboost": ({"method": "kurtboost"}, MID),
+    "mxq": ({"method": "mxq"}, BUDGET_RUNGS),
+    "sensiboost": ({"method": "sensiboost"}, BUDGET_RUNGS),
+    "kurtboost": ({"method": "kurtboost"}, BUDGET_RUNGS),
     "sensiboost exact": ({"method": "sensiboost", "exact": True}, BUDGET_RUNGS),
-    "kurtboost exact": ({"method": "kurtboost", "exact": True}, MID),
-    "sensiboost exact fisher +gwq": ({"method": "sensiboost", "exact": True, "error_metric": "fisher",
-                                      "outlier_ratios": [0.0, 0.005, 0.01]}, LOW),
+    "kurtboost exact": ({"method": "kurtboost", "exact": True}, BUDGET_RUNGS),
+    "sensiboost exact fisher +gwq": (BEST, BUDGET_RUNGS + ("bpp3.60",)),
 }
+# Budgets that are not a uniform rung: 3.60 bits/param is the GWQ target of issue 3
+EXTRA_BUDGETS = {"bpp3.60": 3.60}
 # The same plans applied with GPTQ (act-order, HQQ grid) instead of HQQ alone: sensiquant's best at these budgets
-GPTQ_VARIANTS = {"uniform": ("b3g32",), "sensiboost exact fisher +gwq": ("b3g32",)}
+GPTQ_VARIANTS = {"uniform": ("b3g32",), "sensiboost exact fisher +gwq": ("b3g32", "bpp3.60")}
 
 
 def _plan_path(plans: Path, rung: str, variant: str) -> Path:
@@ -62,10 +62,14 @@ def make_plans(plans: Path, out: Path) -> None:
     for rung in BUDGET_RUNGS:
         cost = option_costs(layers, [(LadderConfig.from_name(rung), 0.0)], "hqq")
         budgets[rung] = float(np.sum(cost)) / n_params
+    budgets.update(EXTRA_BUDGETS)
     cache: dict = {}
-    records = []
+    # resume: plans already on disk are kept (planning is deterministic for a given seed)
+    records = json.loads(out.read_text())["plans"] if out.is_file() else []
     for variant, (overrides, rungs) in VARIANTS.items():
         for rung in rungs:
+            if _plan_path(plans, rung, variant).is_file():
+                continue
             start = time.perf_counter()
             plan = make_plan(model, tok, PlanConfig(budget=budgets[rung], **overrides), progress=True,
                              model_name="smollm2-135m", cache=cache)
@@ -128,7 +132,7 @@ def main() -> None:
     first = ("uniform", "sensiboost exact fisher +gwq", "sensiboost exact")
     configs = [row(rung, v) for rung in ("b3g64", "b3g128", "b3g32", "b2g32") for v in first]
     configs += [row(rung, v, "gptq") for v, rungs in GPTQ_VARIANTS.items() for rung in rungs]
-    configs += [row(rung, v) for rung in BUDGET_RUNGS for v, (_, rungs) in VARIANTS.items()
+    configs += [row(rung, v) for rung in (*BUDGET_RUNGS, *EXTRA_BUDGETS) for v, (_, rungs) in VARIANTS.items()
                 if rung in rungs and row(rung, v) not in configs]
     header = {"model": "smollm2-135m", "datasets": ["wikitext2 test", "c4 (local 2k validation docs)"],
               "seqlen": args.seqlen, "max_windows": args.max_windows}

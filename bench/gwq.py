@@ -9,6 +9,8 @@ Grids (run one or more with --grid; results accumulate in bench/results/gwq.json
   calib     3-bit g128, 1% |g| outliers, gptq, calibration {1, 16} sequences (4 is in core)
   best      GPTQ with act-order on the HQQ grid: 3-bit g128 at 1%, 3-bit g64 8-bit meta at 0 and 0.99%
             (|g| and Hessian)
+  best-calib the best setting (3-bit g64 8-bit meta, 0.99% |g|, act-order HQQ grid) with 8 and 16 calibration
+            sequences (gradients and GPTQ Hessians from the same windows)
 
     python bench/gwq.py --grid core,saliency
 """
@@ -47,6 +49,8 @@ def grids() -> dict[str, list]:
         "best": [_cfg(3, 128, "gptq", 0.01, act_order=True, grid="hqq")]
         + [_cfg(3, 64, "gptq", r, s, quant_meta=True, act_order=True, grid="hqq")
            for r, s in ((0.0, "grad"), (0.0099, "grad"), (0.0099, "hessian"))],
+        "best-calib": [_cfg(3, 64, "gptq", 0.0099, "grad", n, quant_meta=True, act_order=True, grid="hqq")
+                       for n in (8, 16)],
     }
 
 
