@@ -13,6 +13,7 @@ from .checkpoint import save_quantized
 from .config import LayerSpec, QuantConfig
 from .data import load_text
 from .eval.perplexity import PerplexityResult, perplexity
+from .gwq import DEFAULT_SPEC as GWQ_DEFAULT_SPEC
 from .gwq import GWQConfig, gwq_quantize
 from .models import load_model
 from .planning import PlanConfig, apply_plan, make_plan
@@ -23,10 +24,11 @@ def quantize(model_name: str, config: QuantConfig | LayerSpec | None = None, out
              progress: bool = True, trust_remote_code: bool = False, gwq: GWQConfig | None = None):
     """Load ``model_name``, quantize it (GWQ when ``gwq`` is given), optionally save it.
 
+    Without ``config``: 4-bit g64 HQQ, or GWQ's best measured grid (:data:`sensiquant.gwq.DEFAULT_SPEC`) with ``gwq``.
     Returns (model, tokenizer, report).
     """
     if config is None:
-        config = QuantConfig()
+        config = QuantConfig() if gwq is None else QuantConfig(default=GWQ_DEFAULT_SPEC)
     elif isinstance(config, LayerSpec):
         config = QuantConfig(default=config)
     model, tokenizer = load_model(model_name, trust_remote_code=trust_remote_code)

@@ -36,9 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"hub id, local directory, .gguf file, or {DEFAULT_MODEL} (default)")
     q.add_argument("--method", choices=["rtn", "hqq", "gwq"], default="hqq",
                    help="rtn, hqq, or gwq (gradient-aware FP16 outliers + a --backend for the rest)")
-    q.add_argument("--bits", type=int, default=4)
-    q.add_argument("--group-size", type=int, default=64, help="columns per group; -1 for per-channel")
-    q.add_argument("--quant-meta", action="store_true", help="store scales and zeros in 8 bits (groups of 128)")
+    q.add_argument("--bits", type=int, default=None, help="default 4; gwq: 3")
+    q.add_argument("--group-size", type=int, default=None, help="columns per group; -1 for per-channel (default 64)")
+    q.add_argument("--quant-meta", action=argparse.BooleanOptionalAction, default=None,
+                   help="store scales and zeros in 8 bits, groups of 128 (default off; gwq: on)")
     q.add_argument("--skip", default="lm_head,*embed*", help="comma-separated name patterns left in full precision")
     q.add_argument("--out", default=None, help="checkpoint directory to write")
     q.add_argument("--plan", default=None, help="plan JSON from `sensiquant plan` (per-layer configs)")
@@ -46,12 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bits/param for all quantized linears: plan with the best method, then quantize")
     g = q.add_argument_group("gwq")
     g.add_argument("--backend", choices=["rtn", "hqq", "gptq"], default="gptq", help="quantizer of non-outliers")
-    g.add_argument("--outlier-ratio", type=float, default=0.01, help="share of weights kept in FP16")
+    g.add_argument("--outlier-ratio", type=float, default=0.0099,
+                   help="share of weights kept in FP16 (default 0.0099: 3.598 bits/param at 3-bit g64 meta8)")
     g.add_argument("--outlier-scope", choices=["matrix", "global"], default="matrix")
     g.add_argument("--saliency", default="grad",
                    help="grad, grad_weight, fisher, hessian, activation, magnitude, random")
     g.add_argument("--calib", default="wikitext2", help="calibration set or text file (validation split)")
-    g.add_argument("--calib-samples", type=int, default=4)
+    g.add_argument("--calib-samples", type=int, default=16)
     g.add_argument("--calib-seqlen", type=int, default=2048)
     g.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
                    help="GPTQ: process columns by descending Hessian diagonal (default on)")
@@ -154,9 +156,15 @@ def _cmd_plan(args) -> dict:
     return result
 
 
+def _given(value, default):
+    """The command-line value, or the method's default when the option was not given."""
+    return default if value is None else value
+
+
 def _cmd_quantize(args) -> dict:
     from .api import model_size_bytes, quantize
     from .config import LayerSpec, QuantConfig
+    from .gwq import DEFAULT_SPEC as GWQ_DEFAULT_SPEC
     from .gwq import GWQConfig
 
     if args.plan or args.budget is not None:
@@ -169,7 +177,10 @@ def _cmd_quantize(args) -> dict:
                         calib_seqlen=args.calib_seqlen, act_order=args.act_order, seed=args.seed,
                         data_dir=args.data_dir)
     grid = args.grid if args.method == "gwq" else args.method
-    spec = LayerSpec(method=grid, bits=args.bits, group_size=args.group_size, quant_meta=args.quant_meta)
+    base = GWQ_DEFAULT_SPEC if args.method == "gwq" else LayerSpec()
+    spec = LayerSpec(method=grid, bits=_given(args.bits, base.bits),
+                     group_size=_given(args.group_size, base.group_size),
+                     quant_meta=_given(args.quant_meta, base.quant_meta))
     config = QuantConfig(default=spec, skip=_split(args.skip))
     texts = _eval_texts(args)
     model, tokenizer, report = quantize(args.model, config, args.out, progress=not args.quiet,

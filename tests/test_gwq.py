@@ -110,6 +110,17 @@ def test_cli_gwq(tiny_llama, text_file, tmp_path, capsys):
     assert out["bits_per_param"] > 3.5  # 3-bit codes + FP16 scales/zeros per 32 + 1% CSR outliers
 
 
+def test_cli_gwq_defaults_are_the_best_measured_setting(tiny_llama, text_file, tmp_path, capsys):
+    rc = main(["quantize", str(tiny_llama), "--method", "gwq", "--calib", str(text_file), "--calib-samples", "2",
+               "--calib-seqlen", "64", "--json", "--quiet"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    spec = out["spec"]
+    assert (spec["method"], spec["bits"], spec["group_size"], spec["quant_meta"]) == ("hqq", 3, 64, True)
+    assert out["gwq"]["backend"] == "gptq" and out["gwq"]["act_order"] and out["gwq"]["outlier_ratio"] == 0.0099
+    assert GWQConfig().calib_samples == 16 and GWQConfig().calib == "wikitext2"
+
+
 @pytest.mark.parametrize("bad", [dict(backend="awq"), dict(saliency="x"), dict(outlier_ratio=0.7),
                                  dict(outlier_scope="row"), dict(calib_samples=0)])
 def test_bad_gwq_config(bad):
