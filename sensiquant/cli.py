@@ -89,9 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model's repo")
 
-    e = sub.add_parser("eval", help="perplexity of a model or a checkpoint")
+    e = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a model or a checkpoint")
     e.add_argument("model", help="hub id, local directory, .gguf file, checkpoint directory, or smollm2-135m")
-    _add_eval_args(e, default_ppl="wikitext2")
+    _add_eval_args(e, default_ppl=None)
+    e.add_argument("--tasks", default=None,
+                   help="comma-separated zero-shot tasks (piqa,arc_easy,arc_challenge,boolq,winogrande,hellaswag,"
+                        "lambada_openai,openbookqa,copa) or 'all' for the first eight; default: --ppl wikitext2 only")
+    e.add_argument("--limit", type=int, default=None, help="score only the first N examples of each task")
+    e.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per zero-shot forward batch")
+    e.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="compute dtype (bfloat16 is several times faster on CPUs with AMX/AVX512-BF16)")
     return parser
 
 
@@ -208,18 +215,32 @@ def _cmd_quantize_planned(args) -> dict:
 
 
 def _cmd_eval(args) -> dict:
+    import torch
+
     from .api import model_size_bytes
+    from .eval.zeroshot import evaluate_zeroshot, load_task, resolve_tasks
     from .models import load_model
 
+    if args.ppl is None and args.tasks is None:
+        args.ppl = "wikitext2"
     texts = _eval_texts(args)
+    tasks = resolve_tasks(args.tasks) if args.tasks else []
+    for name in tasks:  # every task file read before the model loads, so a missing one fails fast
+        load_task(name, args.data_dir, args.limit)
     model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
     if tokenizer is None:
         raise SensiquantError(f"{args.model} has no tokenizer files")
-    result = {"model": args.model, "model_bytes": model_size_bytes(model)}
+    result = {"model": args.model, "model_bytes": model_size_bytes(model), "dtype": args.dtype}
     report = getattr(model, "sensiquant_report", None)
     if report is not None:
         result["bits_per_param"] = report.bits_per_param
+    if args.dtype != "float32":
+        model.to(getattr(torch, args.dtype))
     result["ppl"] = _evaluate(model, tokenizer, texts, args)
+    if tasks:
+        scores = evaluate_zeroshot(model, tokenizer, tasks, limit=args.limit, data_dir=args.data_dir,
+                                   batch_tokens=args.batch_tokens, progress=not args.quiet)
+        result["tasks"] = {name: r.to_dict() for name, r in scores.items()}
     return result
 
 
@@ -242,6 +263,13 @@ def _print_human(result: dict) -> None:
         print(f"plot written to {path}")
     for name, r in result.get("ppl", {}).items():
         print(f"{name}: ppl {r['ppl']:.4f} ({r['n_windows']} windows x {r['seqlen']} tokens, {r['seconds']:.1f} s)")
+    for name, r in result.get("tasks", {}).items():
+        line = f"{name}: acc {r['acc']:.4f} +- {r['acc_stderr']:.4f}"
+        if "acc_norm" in r:
+            line += f", acc_norm {r['acc_norm']:.4f} +- {r['acc_norm_stderr']:.4f}"
+        if "ppl" in r:
+            line += f", ppl {r['ppl']:.3f}"
+        print(f"{line} (n={r['n']}, {r['seconds']:.1f} s)")
     if result.get("out"):
         print(f"checkpoint written to {result['out']}")
     print(f"peak RSS {result['peak_rss_mb']:.0f} MiB, wall {result['wall_seconds']:.1f} s")
