@@ -80,8 +80,52 @@ def alloc_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def zeroshot_table(data: dict) -> str:
+    """One column per run (model, dtype, limit), one row per task: acc (+- stderr) and acc_norm."""
+    runs = data["runs"]
+    tasks = list(dict.fromkeys(t for run in runs.values() for t in run["tasks"]))
+    lines = ["| task | " + " | ".join(runs) + " |", "|---|" + "---:|" * len(runs)]
+    for task in tasks:
+        cells = []
+        for run in runs.values():
+            r = run["tasks"].get(task)
+            if r is None:
+                cells.append("-")
+                continue
+            cell = f"acc {r['acc']:.4f} ± {r['acc_stderr']:.4f}"
+            if "acc_norm" in r:
+                cell += f"<br>norm {r['acc_norm']:.4f} ± {r['acc_norm_stderr']:.4f}"
+            if "ppl" in r:
+                cell += f"<br>ppl {r['ppl']:.2f}"
+            cells.append(cell + f"<br>n={r['n']}, {r['seconds']:.0f} s")
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    totals = [f"{run.get('total_seconds', 0) / 60:.1f} min" for run in runs.values()]
+    lines.append("| whole run | " + " | ".join(totals) + " |")
+    return "\n".join(lines)
+
+
+def peers_table(data: dict) -> str:
+    """Every peer and setting: bits/param, PPL on both sets, ratios to sensiquant's nearest-size row, time, RSS."""
+    lines = [f"{data['model']}, first {data['max_windows']} windows of {data['seqlen']} tokens of WikiText-2 test and "
+             f"C4; {data['calib_windows']} WikiText-2 validation windows for peers that calibrate.", "",
+             "| peer | setting | bits/param | WikiText-2 PPL | C4 PPL | quantize s | eval s | peak RSS MiB |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in data["rows"]:
+        name = f"{r['peer']} {r.get('version', '')}".strip()
+        if "unavailable" in r:
+            lines.append(f"| {name} | - | cannot run here: {r['unavailable']} | | | | | |")
+        elif "error" in r:
+            lines.append(f"| {name} | {r['setting']} | failed: {r['error'][:200]} | | | | | |")
+        else:
+            lines.append(f"| {name} | {r['setting']} | {r['bits_per_param']:.3f} | {r['ppl_wikitext2']:.2f} | "
+                         f"{r['ppl_c4']:.2f} | {r['quantize_seconds']:.1f} | {r['eval_seconds']:.1f} | "
+                         f"{r['peak_rss_mb']:.0f} |")
+    return "\n".join(lines)
+
+
 TABLES = {"foundation": ("foundation.json", foundation_table), "hqq_parity": ("hqq_parity.json", parity_table),
-          "gwq": ("gwq.json", gwq_table), "alloc": ("alloc.json", alloc_table)}
+          "gwq": ("gwq.json", gwq_table), "alloc": ("alloc.json", alloc_table),
+          "zeroshot": ("zeroshot.json", zeroshot_table), "peers": ("peers.json", peers_table)}
 
 
 def alloc_plots() -> list[Path]:

@@ -5,6 +5,7 @@ from .api import evaluate_perplexity, plan, quantize, quantize_with_plan
 from .checkpoint import load_quantized, save_quantized
 from .config import HQQParams, LayerSpec, QuantConfig
 from .errors import SensiquantError
+from .eval.zeroshot import evaluate_zeroshot, run_lm_eval
 from .gwq import GWQConfig, gwq_quantize
 from .models import load_model
 from .planning import PlanConfig, apply_plan, make_plan
@@ -24,6 +25,7 @@ __all__ = [
     "SensiquantError",
     "apply_plan",
     "evaluate_perplexity",
+    "evaluate_zeroshot",
     "gwq_quantize",
     "load_model",
     "load_quantized",
@@ -32,5 +34,6 @@ __all__ = [
     "quantize",
     "quantize_model",
     "quantize_with_plan",
+    "run_lm_eval",
     "save_quantized",
 ]
