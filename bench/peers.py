@@ -56,9 +56,9 @@ def build_context(model: str, max_windows: int, seqlen: int, calib_windows: int,
                   data_dir: str | None) -> PeerContext:
     from sensiquant.data import load_text
     from sensiquant.eval.perplexity import tokenize_windows
-    from sensiquant.models import load_model, smollm2_gguf_path
+    from sensiquant.models import load_tokenizer, smollm2_gguf_path
 
-    _, tokenizer = load_model(model)
+    tokenizer = load_tokenizer(model)
     windows = {name: tokenize_windows(tokenizer, load_text(name, "test", data_dir), seqlen, max_windows)
                for name in DATASETS}
     calib = tokenize_windows(tokenizer, load_text("wikitext2", "validation", data_dir), seqlen, calib_windows)

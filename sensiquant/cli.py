@@ -99,7 +99,81 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per zero-shot forward batch")
     e.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="compute dtype (bfloat16 is several times faster on CPUs with AMX/AVX512-BF16)")
+
+    for command, helptext in (("generate", "greedy text from a model or a quantized checkpoint"),
+                              ("bench-speed", "prefill and decode tokens/s and peak memory at batch 1")):
+        r = sub.add_parser(command, help=helptext)
+        r.add_argument("model", help="checkpoint directory, hub id, local directory, .gguf file, or smollm2-135m")
+        if command == "generate":
+            r.add_argument("prompt", help="text to continue")
+            r.add_argument("--max-new-tokens", type=int, default=64)
+        else:
+            r.add_argument("--prompt-tokens", type=int, default=512, help="prompt length (WikiText-2 test text)")
+            r.add_argument("--new-tokens", type=int, default=128, help="tokens to decode after the prompt")
+            r.add_argument("--data-dir", default=None, help="folder laid out like shared/data")
+        r.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16",
+                       help="compute dtype (default bfloat16)")
+        r.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
+                       help="quantized layers through the packed CPU kernels (default on)")
+        r.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+        r.add_argument("--json", action="store_true", help="print the result as JSON")
+        r.add_argument("--quiet", action="store_true", help="no progress bars")
+        r.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model's repo")
     return parser
+
+
+def _load_for_inference(args):
+    """Model and tokenizer in the compute dtype; quantized layers swapped for the fast kernels unless --no-fast."""
+    import torch
+
+    from .models import load_model
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SensiquantError(f"threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    model, tokenizer = load_model(args.model, dtype=dtype, trust_remote_code=args.trust_remote_code)
+    if tokenizer is None:
+        raise SensiquantError(f"{args.model} has no tokenizer files")
+    paths: dict[str, str] = {}
+    if args.fast and getattr(model, "sensiquant_report", None) is not None:
+        from .nn.fast import convert_to_fast
+
+        paths = convert_to_fast(model, dtype=dtype)
+    else:
+        model.to(dtype)
+    info = {"model": args.model, "dtype": args.dtype, "fast": bool(paths),
+            "kernels": {k: sum(1 for v in paths.values() if v == k) for k in sorted(set(paths.values()))}}
+    report = getattr(model, "sensiquant_report", None)
+    if report is not None:
+        info["bits_per_param"] = report.bits_per_param
+    return model, tokenizer, info
+
+
+def _cmd_generate(args) -> dict:
+    from .speed import greedy_generate
+
+    if args.max_new_tokens < 2:
+        raise SensiquantError(f"--max-new-tokens must be at least 2, got {args.max_new_tokens}")
+    model, tokenizer, info = _load_for_inference(args)
+    ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+    tokens, prefill, decode = greedy_generate(model, ids, args.max_new_tokens)
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    return {**info, "prompt": args.prompt, "completion": text, "tokens": tokens,
+            "decode_tokens_per_second": (len(tokens) - 1) / decode if decode > 0 else None}
+
+
+def _cmd_bench_speed(args) -> dict:
+    import os
+
+    from .speed import measure_speed
+
+    if args.data_dir:
+        os.environ["SENSIQUANT_DATA_DIR"] = args.data_dir
+    model, tokenizer, info = _load_for_inference(args)
+    result = measure_speed(model, tokenizer, args.prompt_tokens, args.new_tokens)
+    return {**info, **result.to_dict()}
 
 
 def _eval_texts(args) -> dict[str, str]:
@@ -255,6 +329,12 @@ def _print_human(result: dict) -> None:
     if "configs" in result:
         print(f"plan: {result['method']}{' (exact)' if result['exact'] else ''}, budget "
               f"{result['budget_bits_per_param']:.4f}, configs {result['configs']}, flagged {result['flagged']}")
+    if "completion" in result:
+        print(result["prompt"] + result["completion"])
+    if "decode_tokens_per_second" in result and "prefill_tokens_per_second" in result:
+        print(f"prefill {result['prefill_tokens_per_second']:.1f} tok/s ({result['prompt_tokens']} tokens), decode "
+              f"{result['decode_tokens_per_second']:.1f} tok/s ({result['new_tokens']} tokens), "
+              f"{result['dtype']}, kernels {result['kernels'] or 'none'}, {result['threads']} threads")
     if "model_bytes" in result:
         print(f"model size {result['model_bytes'] / 2**20:.2f} MiB (all stored tensors)")
     for path in [result.get("plan")] if isinstance(result.get("plan"), str) else []:
@@ -284,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
     try:
-        commands = {"quantize": _cmd_quantize, "plan": _cmd_plan, "eval": _cmd_eval}
+        commands = {"quantize": _cmd_quantize, "plan": _cmd_plan, "eval": _cmd_eval, "generate": _cmd_generate,
+                    "bench-speed": _cmd_bench_speed}
         result = commands[args.command](args)
     except SensiquantError as exc:
         print(f"sensiquant: error: {exc}", file=sys.stderr)

@@ -65,3 +65,18 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, trust_remo
         raise SensiquantError(f"could not load model {name_or_path!r}: {str(exc).splitlines()[0]}") from exc
     model.eval()
     return model, tokenizer
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    """Only the tokenizer of a model (hub id, directory, .gguf, checkpoint, or the smollm2-135m alias)."""
+    from transformers import AutoTokenizer
+
+    source = resolve_model(name_or_path)
+    path = Path(source)
+    kwargs = {"trust_remote_code": trust_remote_code}
+    if path.suffix == ".gguf":
+        source, kwargs["gguf_file"] = str(path.parent), path.name
+    try:
+        return AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise SensiquantError(f"could not load the tokenizer of {name_or_path!r}: {str(exc).splitlines()[0]}") from exc

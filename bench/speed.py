@@ -1,0 +1,129 @@
+"""Batch-1 inference speed on CPU: the originals, sensiquant checkpoints through the fast kernels, and llama.cpp.
+
+SmolLM2-135M, a 512-token WikiText-2 prompt then 128 greedy tokens; prefill tok/s, decode tok/s, peak RSS, and
+for sensiquant the bytes the quantized weights occupy in memory against what bits/param predicts. Every row runs in
+a fresh process; checkpoints are made once (``--work-dir``) and reused. Run alone on the machine.
+
+    python bench/speed.py [--threads 2] [--out bench/results/speed.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+# name -> (quantize arguments, or None for the original; dtype)
+ROWS: dict[str, tuple[list[str] | None, str]] = {
+    "original fp32": (None, "float32"),
+    "original bf16": (None, "bfloat16"),
+    "4-bit g64 (hqq)": (["--method", "hqq", "--bits", "4", "--group-size", "64"], "bfloat16"),
+    "4-bit g128 (hqq)": (["--method", "hqq", "--bits", "4", "--group-size", "128"], "bfloat16"),
+    "3-bit g64 (hqq)": (["--method", "hqq", "--bits", "3", "--group-size", "64"], "bfloat16"),
+    # speed does not depend on calibration size: 4 windows instead of the default 16 to save time
+    "gwq 3-bit g64 meta8 + 0.99% outliers": (["--method", "gwq", "--calib-samples", "4"], "bfloat16"),
+    "plan at 3.60 bits/param": (["--budget", "3.60"], "bfloat16"),
+}
+LLAMA_CPP = ("Q4_K_M", "Q3_K_M")
+
+
+def _run(cmd: list[str]) -> dict:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"]
+        return {"error": lines[-1]}
+    return json.loads(proc.stdout[proc.stdout.index("{"):])
+
+
+def checkpoint(name: str, quantize_args: list[str], work_dir: Path) -> tuple[Path, dict]:
+    """The checkpoint of a row, made once."""
+    slug = "".join(c if c.isalnum() else "-" for c in name).strip("-")
+    path = work_dir / slug
+    if not (path / "sensiquant.json").is_file():
+        made = _run([sys.executable, "-m", "sensiquant", "quantize", "smollm2-135m", *quantize_args, "--out",
+                     str(path), "--json", "--quiet"])
+        if "error" in made:
+            return path, made
+    return path, {}
+
+
+def llama_cpp_row(setting: str, args) -> dict:
+    """llama.cpp on the same prompt (llama-cpp-python), from the peer harness's cached quantized GGUF; a child."""
+    return _run([sys.executable, __file__, "--llama-child", setting, "--threads", str(args.threads),
+                 "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
+                 "--peers-work-dir", args.peers_work_dir])
+
+
+def _llama_child(args) -> dict:
+    from peers import build_context
+    from peers_llamacpp import llama_cpp_speed, quantized_gguf
+
+    from sensiquant.models import load_tokenizer
+    from sensiquant.speed import peak_rss_mb, prompt_ids
+
+    ctx = build_context("smollm2-135m", 8, 2048, 16, Path(args.peers_work_dir), None)
+    path = quantized_gguf(args.llama_child, ctx)
+    ids = prompt_ids(load_tokenizer("smollm2-135m"), args.prompt_tokens)[0].tolist()
+    del ctx
+    result = llama_cpp_speed(path, ids, args.new_tokens, args.threads)
+    return {**result, "file_bytes": Path(path).stat().st_size, "peak_rss_mb": peak_rss_mb()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt-tokens", type=int, default=512)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=2, help="runs per row; the faster decode is kept")
+    ap.add_argument("--work-dir", default=str(Path.home() / ".cache" / "sensiquant-speed"))
+    ap.add_argument("--peers-work-dir", default=str(Path.home() / ".cache" / "sensiquant-peers"))
+    ap.add_argument("--rows", default=None, help="comma-separated row names (default: all)")
+    ap.add_argument("--out", default=str(HERE / "results" / "speed.json"))
+    ap.add_argument("--llama-child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.llama_child:
+        print(json.dumps(_llama_child(args)))
+        return
+    work = Path(args.work_dir)
+    wanted = set(args.rows.split(",")) if args.rows else None
+    rows = []
+    for name, (quantize_args, dtype) in ROWS.items():
+        if wanted and name not in wanted:
+            continue
+        model, made = "smollm2-135m", {}
+        if quantize_args is not None:
+            path, made = checkpoint(name, quantize_args, work)
+            model = str(path)
+        row = {"name": name, "dtype": dtype, **made}
+        if "error" not in row:
+            runs = [_run([sys.executable, "-m", "sensiquant", "bench-speed", model, "--dtype", dtype, "--threads",
+                          str(args.threads), "--prompt-tokens", str(args.prompt_tokens), "--new-tokens",
+                          str(args.new_tokens), "--json", "--quiet"]) for _ in range(args.repeats)]
+            ok = [r for r in runs if "error" not in r]
+            row.update(max(ok, key=lambda r: r["decode_tokens_per_second"]) if ok else runs[-1])
+            row["decode_runs"] = [r.get("decode_tokens_per_second") for r in runs]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    for setting in LLAMA_CPP:
+        if wanted and f"llama.cpp {setting}" not in wanted:
+            continue
+        runs = [llama_cpp_row(setting, args) for _ in range(args.repeats)]
+        ok = [r for r in runs if "error" not in r]
+        row = {"name": f"llama.cpp {setting}", **(max(ok, key=lambda r: r["decode_tok_s"]) if ok else runs[-1])}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"threads": args.threads, "prompt_tokens": args.prompt_tokens,
+                               "new_tokens": args.new_tokens, "time": time.strftime("%Y-%m-%d %H:%M"),
+                               "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
