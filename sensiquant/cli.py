@@ -293,7 +293,7 @@ def _cmd_eval(args) -> dict:
 
     from .api import model_size_bytes
     from .eval.zeroshot import evaluate_zeroshot, load_task, resolve_tasks
-    from .models import load_model
+    from .models import float32_head, load_model
 
     if args.ppl is None and args.tasks is None:
         args.ppl = "wikitext2"
@@ -310,6 +310,7 @@ def _cmd_eval(args) -> dict:
         result["bits_per_param"] = report.bits_per_param
     if args.dtype != "float32":
         model.to(getattr(torch, args.dtype))
+        float32_head(model)
     result["ppl"] = _evaluate(model, tokenizer, texts, args)
     if tasks:
         scores = evaluate_zeroshot(model, tokenizer, tasks, limit=args.limit, data_dir=args.data_dir,

@@ -80,3 +80,22 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
         return AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
         raise SensiquantError(f"could not load the tokenizer of {name_or_path!r}: {str(exc).splitlines()[0]}") from exc
+
+
+def float32_head(model):
+    """Keep the output projection in float32 when the rest of the model runs in a low-precision dtype.
+
+    Logits of ~20 in bfloat16 are rounded to steps of 0.125, which is enough to flip near-tied choices when
+    continuation log-likelihoods are summed; an fp32 head costs one fp32 matmul per token. Tied embeddings are
+    untied for this (the input embedding stays in the low dtype).
+    """
+    head = model.get_output_embeddings()
+    if head is None or head.weight.dtype == torch.float32:
+        return model
+    head.weight = torch.nn.Parameter(head.weight.detach().float().clone(), requires_grad=False)
+    if getattr(head, "bias", None) is not None:
+        head.bias = torch.nn.Parameter(head.bias.detach().float().clone(), requires_grad=False)
+    if hasattr(model.config, "tie_word_embeddings"):
+        model.config.tie_word_embeddings = False
+    head.register_forward_pre_hook(lambda module, args: tuple(a.float() if torch.is_tensor(a) else a for a in args))
+    return model

@@ -179,57 +179,105 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
 
 @torch.inference_mode()
 def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], max_length: int | None = None,
-                   batch_tokens: int = 4096, progress: bool = True, desc: str = "loglik"
+                   batch_tokens: int = 4096, progress: bool = True, desc: str = "loglik", share_context: bool = True
                    ) -> list[tuple[float, bool]]:
     """(sum of log P(continuation tokens | context), whether every continuation token is the argmax) per request.
 
-    Requests are sorted by length and batched up to ``batch_tokens`` padded tokens; sequences are left-padded so the
-    continuations line up at the end and only their logits are computed (``logits_to_keep`` when the model has it).
-    Contexts longer than ``max_length`` (default: the model's maximum positions, at most 2048) are cut on the left.
+    Requests that share a context (the choices of one question) run as one sequence when ``share_context``: the
+    context once, then every continuation, each attending to the context and to itself only (a 4D mask, positions
+    restarting after the context), which is the same computation as one sequence per choice with the context's
+    work done once (HellaSwag: about half the tokens). Sequences are sorted by length and batched up to
+    ``batch_tokens`` padded tokens, left-padded so only the last logits are computed. Contexts longer than
+    ``max_length`` (default: the model's maximum positions, at most 2048) are cut on the left.
     """
     if not requests:
         return []
     max_length = max_length or min(getattr(model.config, "max_position_embeddings", 2048) or 2048, 2048)
-    device = next(model.parameters()).device
     encoded = []
     for context, continuation in requests:
         ctx, cont = encode_pair(tokenizer, context, continuation)
         if not cont:
             raise SensiquantError(f"continuation {continuation!r} has no tokens")
-        ids = (ctx + cont)[-(max_length + 1):][:-1]
-        encoded.append((ids, cont))
-    order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i][0]), i))
-    keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        encoded.append((ctx, cont))
+    # one packed item per run of requests with the same context ids: (context ids, [(request, continuation)])
+    items: list[tuple[list[int], list[tuple[int, list[int]]]]] = []
+    for i, (ctx, cont) in enumerate(encoded):
+        if share_context and items and items[-1][0] == ctx and \
+                len(ctx) + sum(len(c) for _, c in items[-1][1]) + len(cont) <= max_length:
+            items[-1][1].append((i, cont))
+        else:
+            items.append((ctx, [(i, cont)]))
     results: list[tuple[float, bool] | None] = [None] * len(encoded)
     bar = tqdm(total=len(encoded), desc=desc, disable=not progress)
+    order = sorted(range(len(items)), key=lambda k: (-_packed_length(items[k], max_length), k))
     start = 0
     while start < len(order):
-        longest = len(encoded[order[start]][0])
-        size = max(1, batch_tokens // longest)
-        batch = order[start:start + size]
+        longest = _packed_length(items[order[start]], max_length)
+        batch = order[start:start + max(1, batch_tokens // longest)]
         start += len(batch)
-        keep = max(len(encoded[i][1]) for i in batch)
-        ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), longest), dtype=torch.long)
-        for row, i in enumerate(batch):
-            seq = encoded[i][0]
-            ids[row, longest - len(seq):] = torch.tensor(seq)
-            mask[row, longest - len(seq):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp_min(0)
-        kwargs = {"logits_to_keep": keep} if keep_arg else {}
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                       use_cache=False, **kwargs).logits[:, -keep:].float()
-        logprobs = torch.log_softmax(logits, dim=-1)
-        for row, i in enumerate(batch):
-            cont = torch.tensor(encoded[i][1], device=device)
-            lp = logprobs[row, keep - cont.numel():]
-            ll = float(lp.gather(-1, cont[:, None]).sum())
-            greedy = bool((lp.argmax(-1) == cont).all())
-            results[i] = (ll, greedy)
-        bar.update(len(batch))
+        for (i, _), scored in zip(*_score_packed(model, tokenizer, [items[k] for k in batch], longest, max_length)):
+            results[i] = scored
+        bar.update(sum(len(items[k][1]) for k in batch))
     bar.close()
     return results  # type: ignore[return-value]
+
+
+def _packed_length(item, max_length: int) -> int:
+    """Input length of a packed item: context (cut to fit) + every continuation but the last token of the last."""
+    ctx, conts = item
+    cont_len = sum(len(c) for _, c in conts)
+    return min(len(ctx), max_length + 1 - cont_len) + cont_len - 1
+
+
+def _score_packed(model, tokenizer, items, length: int, max_length: int):
+    """One forward over left-padded packed items; returns ([(request, continuation)], [(loglik, greedy)])."""
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    dtype = dtype if dtype.is_floating_point else torch.float32
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    n = len(items)
+    ids = torch.full((n, length), pad_id, dtype=torch.long)
+    positions = torch.zeros((n, length), dtype=torch.long)
+    allowed = torch.zeros((n, length, length), dtype=torch.bool)
+    targets = []  # per row: (request, continuation ids, input positions whose logits predict it)
+    for row, (ctx, conts) in enumerate(items):
+        ctx = ctx[-(max_length + 1 - sum(len(c) for _, c in conts)):] if len(conts) == 1 else ctx[-max_length:]
+        seq, pos, owner = list(ctx), list(range(len(ctx))), [-1] * len(ctx)
+        for j, (_, cont) in enumerate(conts):
+            take = cont[:-1] if j == len(conts) - 1 else cont
+            seq += take
+            pos += list(range(len(ctx), len(ctx) + len(take)))
+            owner += [j] * len(take)
+        offset = length - len(seq)
+        ids[row, offset:] = torch.tensor(seq)
+        positions[row, offset:] = torch.tensor(pos)
+        own = torch.tensor(owner)
+        causal = torch.tril(torch.ones(len(seq), len(seq), dtype=torch.bool))
+        visible = (own[None, :] == -1) | (own[None, :] == own[:, None])  # the context, and one's own continuation
+        allowed[row, offset:, offset:] = causal & visible
+        allowed[row, torch.arange(length), torch.arange(length)] = True  # padding rows see themselves (no NaN)
+        cursor = offset + len(ctx)
+        for _, cont in conts:
+            # cont[0] is predicted by the last context token, cont[t] by the input holding cont[t - 1]
+            targets.append((cont, [offset + len(ctx) - 1] + list(range(cursor, cursor + len(cont) - 1))))
+            cursor += len(cont)
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+    first = min(p[0] for _, p in targets)
+    keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
+    kwargs = {"logits_to_keep": length - first} if keep_arg else {}
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                   use_cache=False, **kwargs).logits.float()
+    shift = length - logits.shape[1]
+    keys, scores = [], []
+    flat_targets = iter(targets)
+    for row, (_, conts) in enumerate(items):
+        for request, _ in conts:
+            cont, where = next(flat_targets)
+            lp = torch.log_softmax(logits[row, [w - shift for w in where]], dim=-1)
+            cont_t = torch.tensor(cont, device=lp.device)
+            keys.append((request, cont))
+            scores.append((float(lp.gather(-1, cont_t[:, None]).sum()), bool((lp.argmax(-1) == cont_t).all())))
+    return keys, scores
 
 
 def _stderr(values: list[float]) -> float:

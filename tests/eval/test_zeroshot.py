@@ -94,14 +94,24 @@ def test_stderr_is_lm_evals():
     assert _stderr([1]) == 0.0
 
 
-def test_batching_does_not_change_the_scores(tiny_llama, data_dir):
+@pytest.mark.parametrize("task", ["arc_easy", "hellaswag", "winogrande"])
+def test_batching_and_shared_contexts_do_not_change_the_scores(tiny_llama, data_dir, task):
     model, tok = load_model(str(tiny_llama))
-    examples = load_task("arc_easy", data_dir, limit=6)
+    examples = load_task(task, data_dir, limit=6)
     requests = [(c, k) for ex in examples for c, k in zip(ex.contexts, ex.continuations)]
-    one = loglikelihoods(model, tok, requests, batch_tokens=1, progress=False)
-    many = loglikelihoods(model, tok, requests, batch_tokens=8192, progress=False)
-    assert [g for _, g in one] == [g for _, g in many]
-    assert max(abs(a - b) for (a, _), (b, _) in zip(one, many)) < 1e-4
+    one = loglikelihoods(model, tok, requests, batch_tokens=1, share_context=False, progress=False)
+    for kwargs in (dict(batch_tokens=8192, share_context=False), dict(batch_tokens=1), dict(batch_tokens=8192)):
+        many = loglikelihoods(model, tok, requests, progress=False, **kwargs)
+        assert [g for _, g in one] == [g for _, g in many], kwargs
+        assert max(abs(a - b) for (a, _), (b, _) in zip(one, many)) < 1e-4, kwargs
+
+
+def test_long_contexts_are_cut_on_the_left(tiny_llama):
+    model, tok = load_model(str(tiny_llama))
+    context = "x" * 30 + "the quick brown fox"
+    cut = loglikelihoods(model, tok, [(context, " jumps"), (context, " runs")], max_length=20, progress=False)
+    alone = loglikelihoods(model, tok, [(context[-15:], " jumps")], progress=False)  # 15 + 6 - 1 inputs = 20
+    assert cut[0][0] == pytest.approx(alone[0][0], abs=1e-4)
 
 
 def test_every_task_runs_end_to_end(tiny_llama, data_dir):
