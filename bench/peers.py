@@ -66,10 +66,20 @@ def build_context(model: str, max_windows: int, seqlen: int, calib_windows: int,
     return PeerContext(windows, calib, gguf, work_dir, threads=torch.get_num_threads(), model_name=model)
 
 
+@torch.no_grad()  # not inference_mode: some peers' tensors (optimum-quanto) refuse inference tensors
+def nll_of_windows(model, windows: torch.Tensor) -> tuple[float, int]:
+    """Summed next-token NLL over the windows and the number of predicted tokens (as perplexity_of_windows)."""
+    total, count = 0.0, 0
+    for window in windows:
+        ids = window.unsqueeze(0)
+        logits = model(ids).logits[0, :-1].float()
+        total += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+        count += ids.shape[1] - 1
+    return total, count
+
+
 def run_one(peer_name: str, setting: str, args) -> dict:
     """Quantize with one peer setting and score it on the shared windows (in the current process)."""
-    from sensiquant.eval.perplexity import perplexity_of_windows
-
     peer = all_peers()[peer_name]
     ctx = build_context(args.model, args.max_windows, args.seqlen, args.calib_windows, Path(args.work_dir),
                         args.data_dir)
@@ -78,11 +88,8 @@ def run_one(peer_name: str, setting: str, args) -> dict:
            "quantize_seconds": run.quantize_seconds, "notes": run.notes, **run.extra}
     start = time.perf_counter()
     for name, windows in ctx.windows.items():
-        if run.nll is not None:
-            total, count = run.nll[name]
-            row[f"ppl_{name}"] = math.exp(total / count)
-        else:
-            row[f"ppl_{name}"] = perplexity_of_windows(run.model, windows, progress=False).ppl
+        total, count = run.nll[name] if run.nll is not None else nll_of_windows(run.model, windows)
+        row[f"ppl_{name}"] = math.exp(total / count)
     row["eval_seconds"] = time.perf_counter() - start
     row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return row
