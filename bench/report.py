@@ -123,9 +123,36 @@ def peers_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def speed_table(data: dict) -> str:
+    """Prefill/decode tok/s and memory per row, decode as a ratio of the fp32 and bf16 originals (same run)."""
+    rows = data["rows"]
+    base = {r["name"]: r.get("decode_tokens_per_second") for r in rows}
+    fp32, bf16 = base.get("original fp32"), base.get("original bf16")
+    lines = [f"SmolLM2-135M, batch 1, {data['prompt_tokens']}-token prompt then {data['new_tokens']} greedy tokens, "
+             f"{data['threads']} threads, best of the repeats; every row in a fresh process, one at a time.", "",
+             "| model | bits/param | kernels | prefill tok/s | decode tok/s | decode / fp32 | decode / bf16 | "
+             "peak RSS MiB | resident / stored weight bytes |", "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['name']} | - | failed: {r['error'][:200]} | | | | | | |")
+            continue
+        dec = r["decode_tokens_per_second"]
+        ratio = (f"{r['resident_weight_bytes'] / r['stored_weight_bytes']:.3f}"
+                 if r.get("stored_weight_bytes") and r.get("resident_weight_bytes") else "-")
+        bits = f"{r['bits_per_param']:.3f}" if "bits_per_param" in r else "-"
+        kernels = ", ".join(f"{k} {v}" for k, v in r.get("kernels", {}).items()) or r.get("dtype", "")
+        lines.append(f"| {r['name']} | {bits} | {kernels} | {r['prefill_tokens_per_second']:.0f} | {dec:.1f} | "
+                     f"{dec / fp32:.2f} | {dec / bf16:.2f} | {r.get('peak_rss_mb', 0):.0f} | {ratio} |"
+                     if fp32 and bf16 else
+                     f"| {r['name']} | {bits} | {kernels} | {r['prefill_tokens_per_second']:.0f} | {dec:.1f} | - | - | "
+                     f"{r.get('peak_rss_mb', 0):.0f} | {ratio} |")
+    return "\n".join(lines)
+
+
 TABLES = {"foundation": ("foundation.json", foundation_table), "hqq_parity": ("hqq_parity.json", parity_table),
           "gwq": ("gwq.json", gwq_table), "alloc": ("alloc.json", alloc_table),
-          "zeroshot": ("zeroshot.json", zeroshot_table), "peers": ("peers.json", peers_table)}
+          "zeroshot": ("zeroshot.json", zeroshot_table), "peers": ("peers.json", peers_table),
+          "speed": ("speed.json", speed_table)}
 
 
 def alloc_plots() -> list[Path]:

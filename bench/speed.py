@@ -28,7 +28,9 @@ ROWS: dict[str, tuple[list[str] | None, str]] = {
     "3-bit g64 (hqq)": (["--method", "hqq", "--bits", "3", "--group-size", "64"], "bfloat16"),
     # speed does not depend on calibration size: 4 windows instead of the default 16 to save time
     "gwq 3-bit g64 meta8 + 0.99% outliers": (["--method", "gwq", "--calib-samples", "4"], "bfloat16"),
-    "plan at 3.60 bits/param": (["--budget", "3.60"], "bfloat16"),
+    # the budget-exact SensiBoost + Fisher + GWQ plan that bench/alloc.py made for 3.60 bits/param (mixed 2-8 bits)
+    "plan at 3.60 bits/param": (["--plan", str(HERE / "results" / "alloc_plans" /
+                                              "bpp3.60-sensiboost_exact_fisher_plusgwq.json")], "bfloat16"),
 }
 LLAMA_CPP = ("Q4_K_M", "Q3_K_M")
 
