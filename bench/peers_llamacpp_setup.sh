@@ -1,23 +1,35 @@
 #!/usr/bin/env bash
-# Builds the llama.cpp peer of bench/peers.py from PyPI's llama-cpp-python source (no other download):
-# libllama + llama-quantize + llama-imatrix with cmake, then the Python bindings without a second compile
-# (they load the library through LLAMA_CPP_LIB_PATH, which bench/peers_llamacpp.py sets). Idempotent.
-#   bash bench/peers_llamacpp_setup.sh [VERSION]      (default 0.3.36; about 15 minutes on 2 cores)
+# Builds the llama.cpp peer of bench/peers.py from PyPI's llama-cpp-python sdist (no other download): libllama,
+# llama-quantize and llama-imatrix with cmake from the llama.cpp it vendors, then the Python bindings of the same
+# sdist without a second compile of that library (LLAMA_BUILD=OFF; bench/peers_llamacpp.py points the bindings at
+# the library built here through LLAMA_CPP_LIB_PATH). Everything lands outside the repository. Idempotent: each
+# step is skipped when its result is there.
+#   bash bench/peers_llamacpp_setup.sh [VERSION]     (default 0.3.36; ~35 minutes on 1-2 busy cores)
+#   env: SENSIQUANT_PEERS_CACHE (default ~/.cache/sensiquant-peers), JOBS (parallel compile jobs, default 2)
 set -euo pipefail
 version="${1:-0.3.36}"
 root="${SENSIQUANT_PEERS_CACHE:-$HOME/.cache/sensiquant-peers}"
 src="$root/llama_cpp_python-$version"
 build="$root/llama.cpp-$version"
 mkdir -p "$root"
-if [ ! -d "$src" ]; then
+start=$SECONDS
+if [ ! -f "$src/vendor/llama.cpp/CMakeLists.txt" ]; then
   python -m pip download -q --no-deps --no-binary :all: -d "$root" "llama-cpp-python==$version"
   tar xzf "$root/llama_cpp_python-$version.tar.gz" -C "$root"
 fi
-if [ ! -x "$build/bin/llama-quantize" ] || [ ! -x "$build/bin/llama-imatrix" ]; then
+if [ ! -x "$build/bin/llama-quantize" ] || [ ! -x "$build/bin/llama-imatrix" ] || [ ! -f "$build/bin/libllama.so" ]; then
+  echo "building llama.cpp $version in $build (logs: $build.cmake.log, $build.build.log)"
+  # AVX-512 without AMX: ggml's AMX path crashed (SIGSEGV in llama_decode) on this VM's CPU with GGML_NATIVE=ON
   cmake -S "$src/vendor/llama.cpp" -B "$build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON -DLLAMA_CURL=OFF \
-    -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF > "$build.cmake.log"
-  cmake --build "$build" --target llama-quantize llama-imatrix -j "${JOBS:-2}" > "$build.build.log"
+    -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
+    -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX512_VBMI=ON -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF \
+    -DGGML_AMX_BF16=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
+    > "$build.cmake.log"
+  cmake --build "$build" --target llama llama-quantize llama-imatrix -j "${JOBS:-2}" > "$build.build.log"
 fi
-python -c "import llama_cpp" 2>/dev/null || \
-  CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" python -m pip install -q --no-deps "$src" diskcache jinja2
-echo "llama.cpp $version: $build/bin"
+installed=$(python -c "from importlib import metadata as m; print(m.version('llama_cpp_python'))" 2>/dev/null || true)
+if [ "$installed" != "$version" ]; then
+  CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" python -m pip install -q "$src"
+fi
+LLAMA_CPP_LIB_PATH="$build/bin" python -c "import llama_cpp" # the bindings load the library built above
+echo "llama.cpp $version ready in $build/bin ($((SECONDS - start)) s)"
