@@ -8,6 +8,9 @@ from pathlib import Path
 from peer_api import Peer, PeerContext, PeerRun
 
 PLANS = Path(__file__).resolve().parent / "results" / "alloc_plans"
+# plans that bench/alloc.py made (budget-exact SensiBoost + Fisher + GWQ outliers) and how they are applied
+PLAN_FILES = {"plan-3.60": ("bpp3.60-sensiboost_exact_fisher_plusgwq.json", "gptq"),
+              "plan-4.26": ("b4g64-sensiboost_exact_fisher_plusgwq.json", "hqq")}
 
 
 def _spec(setting: str):
@@ -31,8 +34,8 @@ def _gwq_config(ctx: PeerContext, outlier_ratio: float | None = None):
 
 def run(setting: str, ctx: PeerContext) -> PeerRun:
     """Settings: hqq-b4g64, hqq-b4g128-meta8, hqq-b3g64-meta8 (uniform HQQ); gptq-b3g64-meta8 (GWQ's backend alone);
-    gwq (the defaults: 3-bit g64 meta8, 0.99% |g| outliers); plan-3.60 (the budget-exact SensiBoost + Fisher + GWQ
-    plan that bench/alloc.py made for 3.60 bits/param, applied with GPTQ; planning itself takes ~10 minutes and is
+    gwq (the defaults: 3-bit g64 meta8, 0.99% |g| outliers); plan-3.60 / plan-4.26 (the budget-exact SensiBoost +
+    Fisher + GWQ plans that bench/alloc.py made, applied with GPTQ / HQQ; planning itself takes ~10 minutes and is
     timed in the allocation benchmark, so it is loaded here)."""
     from sensiquant.alloc.plan import Plan
     from sensiquant.config import QuantConfig
@@ -47,10 +50,11 @@ def run(setting: str, ctx: PeerContext) -> PeerRun:
     elif setting in ("gwq", "gptq-b3g64-meta8"):
         gwq = _gwq_config(ctx, 0.0 if setting.startswith("gptq") else None)
         report, _ = gwq_quantize(model, tokenizer, QuantConfig(default=DEFAULT_SPEC), gwq, progress=False)
-    elif setting == "plan-3.60":
-        plan = Plan.load(PLANS / "bpp3.60-sensiboost_exact_fisher_plusgwq.json")
-        plan.backend = "gptq"
-        report = apply_plan(model, tokenizer, plan, progress=False)
+    elif setting in PLAN_FILES:
+        file, backend = PLAN_FILES[setting]
+        plan = Plan.load(PLANS / file)
+        plan.backend = backend
+        report, _ = apply_plan(model, tokenizer, plan, progress=False)  # (report, the QuantConfig applied)
     else:
         raise ValueError(f"unknown sensiquant setting {setting!r}")
     seconds = time.perf_counter() - start
@@ -64,4 +68,4 @@ def _version() -> str:
 
 
 PEERS = [Peer("sensiquant", ["hqq-b4g64", "hqq-b4g128-meta8", "hqq-b3g64-meta8", "gptq-b3g64-meta8", "gwq",
-                             "plan-3.60"], lambda: None, run, _version)]
+                             *PLAN_FILES], lambda: None, run, _version)]
