@@ -122,8 +122,9 @@ def main() -> None:
     only = {s.strip() for s in args.settings.split(",")} if args.settings else None
     path = Path(args.out)
     data = json.loads(path.read_text()) if path.is_file() and not args.no_resume else {}
-    rows = [r for r in data.get("rows", []) if "error" not in r and "unavailable" not in r]
-    done = {(r["peer"], r["setting"]) for r in rows}
+    # failed rows stay on record until their setting runs again; unavailable lines are re-checked every run
+    rows = [r for r in data.get("rows", []) if "unavailable" not in r]
+    done = {(r["peer"], r["setting"]) for r in rows if "error" not in r}
     header = {"model": args.model, "max_windows": args.max_windows, "seqlen": args.seqlen,
               "calib_windows": args.calib_windows, "torch": torch.__version__}
 
@@ -150,6 +151,7 @@ def main() -> None:
             if args.data_dir:
                 cmd += ["--data-dir", args.data_dir]
             proc = subprocess.run(cmd, capture_output=True, text=True)
+            rows = [r for r in rows if (r["peer"], r["setting"]) != (name, setting)]
             row = {"peer": name, "setting": setting, "version": version}
             if proc.returncode == 0:
                 row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
