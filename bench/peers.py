@@ -29,7 +29,7 @@ sys.path.insert(0, str(HERE))
 
 from peer_api import MODEL, Peer, PeerContext, PeerRun  # noqa: E402
 
-ADAPTERS = ("peers_sensiquant", "peers_hf", "peers_llamacpp")
+ADAPTERS = ("peers_sensiquant", "peers_hf", "peers_llamacpp", "peers_calib")
 DATASETS = ("wikitext2", "c4")
 
 

@@ -14,7 +14,7 @@ build="$root/llama.cpp-$version"
 mkdir -p "$root"
 start=$SECONDS
 if [ ! -f "$src/vendor/llama.cpp/CMakeLists.txt" ]; then
-  python -m pip download -q --no-deps --no-binary :all: -d "$root" "llama-cpp-python==$version"
+  python -m pip download -q --no-deps --no-binary llama-cpp-python -d "$root" "llama-cpp-python==$version"
   tar xzf "$root/llama_cpp_python-$version.tar.gz" -C "$root"
 fi
 if [ ! -x "$build/bin/llama-quantize" ] || [ ! -x "$build/bin/llama-imatrix" ] || [ ! -f "$build/bin/libllama.so" ]; then

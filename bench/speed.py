@@ -26,6 +26,8 @@ ROWS: dict[str, tuple[list[str] | None, str]] = {
     "4-bit g64 (hqq)": (["--method", "hqq", "--bits", "4", "--group-size", "64"], "bfloat16"),
     "4-bit g128 (hqq)": (["--method", "hqq", "--bits", "4", "--group-size", "128"], "bfloat16"),
     "3-bit g64 (hqq)": (["--method", "hqq", "--bits", "3", "--group-size", "64"], "bfloat16"),
+    # the same checkpoint with its 3-bit codes held as 4-bit codes for PyTorch's int4 kernel (bench-speed --widen)
+    "3-bit g64 (hqq), widened to 4 bits": (["--method", "hqq", "--bits", "3", "--group-size", "64"], "bfloat16"),
     # speed does not depend on calibration size: 4 windows instead of the default 16 to save time
     "gwq 3-bit g64 meta8 + 0.99% outliers": (["--method", "gwq", "--calib-samples", "4"], "bfloat16"),
     # the budget-exact SensiBoost + Fisher + GWQ plan that bench/alloc.py made for 3.60 bits/param (mixed 2-8 bits)
@@ -45,7 +47,7 @@ def _run(cmd: list[str]) -> dict:
 
 def checkpoint(name: str, quantize_args: list[str], work_dir: Path) -> tuple[Path, dict]:
     """The checkpoint of a row, made once."""
-    slug = "".join(c if c.isalnum() else "-" for c in name).strip("-")
+    slug = "".join(c if c.isalnum() else "-" for c in name.split(", widened")[0]).strip("-")
     path = work_dir / slug
     if not (path / "sensiquant.json").is_file():
         made = _run([sys.executable, "-m", "sensiquant", "quantize", "smollm2-135m", *quantize_args, "--out",
@@ -104,9 +106,10 @@ def main() -> None:
             model = str(path)
         row = {"name": name, "dtype": dtype, **made}
         if "error" not in row:
+            extra = ["--widen"] if "widened" in name else []
             runs = [_run([sys.executable, "-m", "sensiquant", "bench-speed", model, "--dtype", dtype, "--threads",
                           str(args.threads), "--prompt-tokens", str(args.prompt_tokens), "--new-tokens",
-                          str(args.new_tokens), "--json", "--quiet"]) for _ in range(args.repeats)]
+                          str(args.new_tokens), "--json", "--quiet", *extra]) for _ in range(args.repeats)]
             ok = [r for r in runs if "error" not in r]
             row.update(max(ok, key=lambda r: r["decode_tokens_per_second"]) if ok else runs[-1])
             row["decode_runs"] = [r.get("decode_tokens_per_second") for r in runs]

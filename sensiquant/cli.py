@@ -115,8 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="compute dtype (default bfloat16)")
         r.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
                        help="quantized layers through the packed CPU kernels (default on)")
-        r.add_argument("--widen", action=argparse.BooleanOptionalAction, default=True,
-                       help="run 2/3-bit layers through the 4-bit kernel (faster, 4 bits in memory; default on)")
+        r.add_argument("--widen", action=argparse.BooleanOptionalAction, default=False,
+                       help="hold 2/3-bit codes as 4-bit codes for PyTorch's int4 kernel (4 bits in memory; default "
+                            "off: they stay at their own width in the C++ kernel)")
         r.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
         r.add_argument("--json", action="store_true", help="print the result as JSON")
         r.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -147,6 +148,11 @@ def _load_for_inference(args):
         model.to(dtype)
     info = {"model": args.model, "dtype": args.dtype, "fast": bool(paths),
             "kernels": {k: sum(1 for v in paths.values() if v == k) for k in sorted(set(paths.values()))}}
+    if paths:
+        from .nn.kernels import build_extension as build_info
+        from .nn.kernels import extension_available, extension_error
+
+        info["extension"] = build_info() if extension_available() else {"error": extension_error()}
     report = getattr(model, "sensiquant_report", None)
     if report is not None:
         info["bits_per_param"] = report.bits_per_param

@@ -8,6 +8,7 @@ from sensiquant.cli import main
 from sensiquant.config import LayerSpec, QuantConfig
 from sensiquant.errors import SensiquantError
 from sensiquant.models import load_model
+from sensiquant.nn import kernels
 from sensiquant.nn.kernels import convert_to_fast
 from sensiquant.quantize import quantize_model
 from sensiquant.speed import greedy_generate, measure_speed, prompt_ids
@@ -23,7 +24,7 @@ def tiny_checkpoint(tiny_llama, tmp_path_factory):
     return out, model, tok
 
 
-def test_greedy_generation_from_reloaded_checkpoint_equals_in_memory(tiny_checkpoint):
+def test_greedy_generation_from_reloaded_checkpoint_equals_in_memory(tiny_checkpoint, monkeypatch):
     path, model, tok = tiny_checkpoint
     ids = prompt_ids(tok, 24, "hello world, " * 10)
     expected, _, _ = greedy_generate(model, ids, 12)
@@ -33,13 +34,19 @@ def test_greedy_generation_from_reloaded_checkpoint_equals_in_memory(tiny_checkp
     # the transformers generate() API runs on the reloaded model and agrees
     out = reloaded.generate(ids, max_new_tokens=12, do_sample=False)
     assert out[0, ids.shape[1]:].tolist() == expected
-    # and so does the reloaded checkpoint through the fast kernels (fp32)
-    paths = convert_to_fast(reloaded, dtype=torch.float32)
-    assert "int4pack" in paths.values()
-    fast, _, _ = greedy_generate(reloaded, ids, 12)
-    assert fast == expected
-    out = reloaded.generate(ids, max_new_tokens=12, do_sample=False)
-    assert out[0, ids.shape[1]:].tolist() == expected
+    # and so does the reloaded checkpoint through each fast kernel (fp32): the packed C++ kernel (or the dequantize
+    # fallback without it), then PyTorch's int4pack kernel (taken in fp32 only when forced: it is slow there)
+    # (the tiny model's 200-wide MLP is no multiple of 16, so its down/up layers stay on the packed path)
+    for int4pack_dtypes, wanted in (((torch.bfloat16,), {"packed", "dequant"}), ((torch.float32,), {"int4pack"})):
+        monkeypatch.setattr(kernels, "INT4PACK_DTYPES", int4pack_dtypes)
+        monkeypatch.setattr(kernels, "MEMORY_SLACK", 1.0)  # the tiny model's groups of 32 carry more metadata
+        fast_model, _ = load_model(str(path))
+        paths = convert_to_fast(fast_model, dtype=torch.float32)
+        assert wanted & set(paths.values()) and set(paths.values()) <= wanted | {"packed", "dequant"}
+        fast, _, _ = greedy_generate(fast_model, ids, 12)
+        assert fast == expected
+        out = fast_model.generate(ids, max_new_tokens=12, do_sample=False)
+        assert out[0, ids.shape[1]:].tolist() == expected
 
 
 def test_measure_speed_reports_rates(tiny_checkpoint):

@@ -1,0 +1,75 @@
+"""Peers that tune their rounding on calibration data: Intel's AutoRound (SignRound).
+
+Both get the harness's calibration windows (WikiText-2 validation, the same token ids as everyone) and quantize the
+block linears only. AutoRound returns a fake-quantized ("qdq") model, which is scored in fp32; its bits/param are
+those of its packed export (``auto_round`` / GPTQ layout: ``bits`` per weight, one FP16 scale and one ``bits``-wide
+zero point per group; groups that do not divide the row are padded, as the export pads them).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from importlib import metadata
+
+import torch
+from peer_api import Peer, PeerContext, PeerRun, block_linear_names
+
+AUTOROUND_SETTINGS = {
+    # setting -> (scheme, group size, iters). 200 iterations is AutoRound's default ("auto-round" recipe), 50 its
+    # "light" recipe, 0 its documented RTN mode (--iters 0).
+    "W4A16-g128": ("W4A16", 128, 200),
+    "W4A16-g128-light": ("W4A16", 128, 50),
+    "W3A16-g128-light": ("W3A16", 128, 50),
+    "W4A16-g128-rtn": ("W4A16", 128, 0),
+    "W3A16-g128-rtn": ("W3A16", 128, 0),
+}
+
+
+def _installed(module: str, dist: str) -> str | None:
+    try:
+        __import__(module)
+    except Exception as exc:  # ImportError, or a broken install that fails on import
+        return f"pip install {dist} ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+    return None
+
+
+def _export_bits(out_f: int, in_f: int, bits: int, group: int) -> int:
+    """Bits of one linear in the packed GPTQ-style export: codes, one FP16 scale and one packed zero per group."""
+    groups = math.ceil(in_f / group)
+    return out_f * in_f * bits + out_f * groups * (16 + bits)
+
+
+def run_autoround(setting: str, ctx: PeerContext) -> PeerRun:
+    from auto_round import AutoRound
+
+    scheme, group, iters = AUTOROUND_SETTINGS[setting]
+    model, tok = ctx.load_base()
+    names = block_linear_names(model)
+    calib = [{"input_ids": row[None], "attention_mask": torch.ones_like(row[None])} for row in ctx.calib_windows]
+    start = time.perf_counter()
+    tuner = AutoRound(model, tok, scheme=scheme, group_size=group, iters=iters, dataset=calib,
+                      nsamples=len(calib), seqlen=ctx.calib_windows.shape[1], batch_size=min(8, len(calib)),
+                      device_map="cpu", seed=0)
+    model, layer_config = tuner.quantize()
+    seconds = time.perf_counter() - start
+    model = model.float().eval()  # the qdq weights, scored like every other peer in fp32
+    params = total_bits = 0
+    for name in names:
+        weight = model.get_submodule(name).weight
+        out_f, in_f = weight.shape
+        cfg = layer_config.get(name, {})
+        bits = int(cfg.get("bits", 16))
+        total_bits += out_f * in_f * 16 if bits >= 16 else _export_bits(out_f, in_f, bits, int(cfg["group_size"]))
+        params += out_f * in_f
+    kept = sum(1 for n in names if int(layer_config.get(n, {}).get("bits", 16)) >= 16)
+    note = f"iters={iters}, {len(calib)} calibration windows of {ctx.calib_windows.shape[1]} tokens; qdq model"
+    if kept:
+        note += f"; {kept} block linears left unquantized (counted at 16 bits)"
+    return PeerRun(total_bits / params, params, seconds, model=model, tokenizer=tok, notes=note)
+
+
+PEERS = [
+    Peer("autoround", list(AUTOROUND_SETTINGS), lambda: _installed("auto_round", "auto-round"), run_autoround,
+         lambda: metadata.version("auto-round")),
+]
