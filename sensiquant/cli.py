@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, default=None, help="score only the first N examples of each task")
     e.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per zero-shot forward batch")
     e.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="compute dtype (bfloat16 is several times faster on CPUs with AMX/AVX512-BF16)")
+                   help="compute dtype (bfloat16 is faster on CPUs with AVX512-BF16 or AMX)")
 
     for command, helptext in (("generate", "greedy text from a model or a quantized checkpoint"),
                               ("bench-speed", "prefill and decode tokens/s and peak memory at batch 1")):
@@ -146,7 +146,11 @@ def _load_for_inference(args):
         paths = convert_to_fast(model, dtype=dtype, widen=args.widen)
     else:
         model.to(dtype)
-    info = {"model": args.model, "dtype": args.dtype, "fast": bool(paths),
+    from .models import use_fp32_attention
+
+    # bf16 attention on the CPU is slow without AMX (see use_fp32_attention): scores in fp32 for every model alike
+    attention = "sdpa, scores in fp32" if use_fp32_attention(model) else model.config._attn_implementation
+    info = {"model": args.model, "dtype": args.dtype, "fast": bool(paths), "attention": attention,
             "kernels": {k: sum(1 for v in paths.values() if v == k) for k in sorted(set(paths.values()))}}
     if paths:
         from .nn.kernels import build_extension as build_info

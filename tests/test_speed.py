@@ -69,3 +69,22 @@ def test_cli_generate_and_bench_speed(tiny_checkpoint, data_dir, capsys):
     assert out["fast"] and out["resident_weight_bytes"] > 0 and out["stored_weight_bytes"] > 0
     assert out["prompt_tokens"] == 16 and out["decode_tokens_per_second"] > 0 and out["bits_per_param"] > 4
     assert main(["generate", str(path), "hi", "--max-new-tokens", "1"]) == 2
+
+
+def test_fp32_attention_keeps_the_logits(tiny_llama):
+    """Attention scores in fp32: fp32 models unchanged; bf16 logits no further from fp32 than bf16 SDPA's."""
+    from sensiquant.models import FP32_SDPA, use_fp32_attention
+
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model, _ = load_model(str(tiny_llama))
+        model.to(dtype)
+        with torch.inference_mode():
+            logits[dtype, "sdpa"] = model(ids).logits.float()
+            assert use_fp32_attention(model) and model.config._attn_implementation == FP32_SDPA
+            logits[dtype, "fp32"] = model(ids).logits.float()
+    ref = logits[torch.float32, "sdpa"]
+    torch.testing.assert_close(logits[torch.float32, "fp32"], ref, rtol=0, atol=0)  # fp32 goes through unchanged
+    bf16_error = (logits[torch.bfloat16, "sdpa"] - ref).abs().max()
+    assert 0 < (logits[torch.bfloat16, "fp32"] - ref).abs().max() <= 1.5 * bf16_error
