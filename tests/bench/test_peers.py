@@ -34,3 +34,12 @@ def test_pareto_front():
 
     points = [(4.5, 24.0), (3.3, 60.0), (3.6, 28.0), (4.1, 30.0), (3.6, 27.0)]
     assert pareto_front(points) == [(3.3, 60.0), (3.6, 27.0), (4.5, 24.0)]
+
+
+def test_autoround_bits_count_its_packed_export():
+    """Codes at their width, one FP16 scale and one packed zero per group; a ragged last group counts whole."""
+    sys.path.insert(0, str(BENCH))
+    from peers_calib import _export_bits
+
+    assert _export_bits(16, 576, 3, 128) == 16 * 576 * 3 + 16 * 5 * (16 + 3)  # 576 = 4 x 128 + 64: 5 groups
+    assert _export_bits(8, 256, 4, 128) / (8 * 256) == 4 + 20 / 128
