@@ -178,8 +178,9 @@ def pareto_plots(rows: list[dict], path: Path) -> list[Path]:
         metric = f"ppl_{name}"
         if any(metric in r for r in scored):
             out = path.with_name(f"{path.stem}-{name}.png")
+            # clipped at 300: diverged runs (quanto qint2, torchao int2: 1e6+) sit on the top edge with their value
             written.append(plot_ppl_vs_bits(scored, out, metric=metric, frontier=True, label_key="setting",
-                                            title=f"{name}: perplexity against bits/param, every peer"))
+                                            title=f"{name}: perplexity against bits/param, every peer", y_max=300))
     return written
 
 

@@ -112,10 +112,12 @@ def plot_allocation(plan: Plan, path) -> Path:
 
 
 def plot_ppl_vs_bits(rows: list[dict], path, metric: str = "ppl_wikitext2", title: str | None = None,
-                     frontier: bool = False, label_key: str | None = None) -> Path:
+                     frontier: bool = False, label_key: str | None = None, y_max: float | None = None) -> Path:
     """Perplexity against exact bits/param, one line per method (rows: dicts with method, bits_per_param, metric).
 
     ``frontier`` adds the Pareto front over all points (dashed); ``label_key`` writes that field next to each point.
+    ``y_max`` clips the axis so diverged runs do not squash the rest: points above it sit on the top edge as
+    triangles, labelled with their value.
     """
     by_method: dict[str, list[tuple[float, float, str]]] = {}
     for row in rows:
@@ -125,18 +127,31 @@ def plot_ppl_vs_bits(rows: list[dict], path, metric: str = "ppl_wikitext2", titl
             by_method.setdefault(row["method"], []).append((row["bits_per_param"], value, label))
     if not by_method:
         raise SensiquantError(f"no row has {metric!r} to plot")
+
+    def shown(y: float) -> float:
+        return y if y_max is None else min(y, y_max)
+
     fig, ax = plt.subplots(figsize=(10, 6) if label_key else (8, 5))
     for method, points in by_method.items():
         points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
-        for x, y, label in points if label_key else []:
-            ax.annotate(label, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        line = ax.plot([p[0] for p in points], [shown(p[1]) for p in points], marker="o", label=method)[0]
+        for x, y, label in points:
+            clipped = y_max is not None and y > y_max
+            if clipped:
+                ax.plot([x], [y_max], marker="^", markersize=9, color=line.get_color())
+                label = f"{label} ({y:.3g})".strip()
+            if label and (label_key or clipped):
+                ax.annotate(label, (x, shown(y)), fontsize=6, xytext=(3, 3 if not clipped else -9),
+                            textcoords="offset points")
     if frontier:
         front = pareto_front([(x, y) for points in by_method.values() for x, y, _ in points])
-        ax.plot([p[0] for p in front], [p[1] for p in front], ls="--", color="black", lw=1, label="Pareto front")
+        ax.plot([p[0] for p in front], [shown(p[1]) for p in front], ls="--", color="black", lw=1,
+                label="Pareto front")
     ax.set_yscale("log")
+    if y_max is not None:
+        ax.set_ylim(top=y_max * 1.15)
     ax.set_xlabel("bits/param (exact, everything counted)")
-    ax.set_ylabel(metric.replace("ppl_", "perplexity, "))
+    ax.set_ylabel(metric.replace("ppl_", "perplexity, ") + (f" (clipped at {y_max:g})" if y_max else ""))
     ax.set_title(title or f"{metric} against bits/param")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
