@@ -88,3 +88,20 @@ def block_linear_names(model: torch.nn.Module) -> list[str]:
     from sensiquant.walk import find_linears
 
     return list(find_linears(model, ["lm_head", "*embed*"]))
+
+
+def missing(dist: str, module: str) -> str | None:
+    """None when ``module`` imports, else the one line a peer that cannot run gets: how to install ``dist`` and why
+    the import failed (a broken install fails on import too)."""
+    try:
+        __import__(module)
+    except Exception as exc:
+        return f"pip install {dist} ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+    return None
+
+
+def dist_version(dist: str) -> Callable[[], str]:
+    """The installed version of ``dist``, for :attr:`Peer.version`."""
+    from importlib import metadata
+
+    return lambda: metadata.version(dist)

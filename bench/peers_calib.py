@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import math
 import time
-from importlib import metadata
 
 import torch
-from peer_api import Peer, PeerContext, PeerRun, block_linear_names
+from peer_api import Peer, PeerContext, PeerRun, block_linear_names, dist_version, missing
 
 AUTOROUND_SETTINGS = {
     # setting -> (scheme, group size, iters, calibration sample length). 50 iterations is AutoRound's "light" recipe,
@@ -25,14 +24,6 @@ AUTOROUND_SETTINGS = {
     "W4A16-g128-light": ("W4A16", 128, 50, 512),
     "W3A16-g128-light": ("W3A16", 128, 50, 512),
 }
-
-
-def _installed(module: str, dist: str) -> str | None:
-    try:
-        __import__(module)
-    except Exception as exc:  # ImportError, or a broken install that fails on import
-        return f"pip install {dist} ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
-    return None
 
 
 def _export_bits(out_f: int, in_f: int, bits: int, group: int) -> int:
@@ -79,6 +70,6 @@ def run_autoround(setting: str, ctx: PeerContext) -> PeerRun:
 
 
 PEERS = [
-    Peer("autoround", list(AUTOROUND_SETTINGS), lambda: _installed("auto_round", "auto-round"), run_autoround,
-         lambda: metadata.version("auto-round")),
+    Peer("autoround", list(AUTOROUND_SETTINGS), lambda: missing("auto-round", "auto_round"), run_autoround,
+         dist_version("auto-round")),
 ]

@@ -8,23 +8,10 @@ tool keeps metadata in the compute dtype, the note says how it was counted.
 from __future__ import annotations
 
 import time
-from importlib import metadata
 
 import torch
-from peer_api import Peer, PeerContext, PeerRun, block_linear_names, tensor_bytes
+from peer_api import Peer, PeerContext, PeerRun, block_linear_names, dist_version, missing, tensor_bytes
 from torch import nn
-
-
-def _installed(dist: str, module: str) -> str | None:
-    try:
-        __import__(module)
-    except Exception as exc:  # ImportError, or a broken install that fails on import
-        return f"pip install {dist} ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
-    return None
-
-
-def _version(dist: str):
-    return lambda: metadata.version(dist)
 
 
 def _replace_linears(model: nn.Module, names: list[str], make) -> float:
@@ -156,11 +143,11 @@ def run_torchao(setting: str, ctx: PeerContext) -> PeerRun:
 
 
 PEERS = [
-    Peer("hqq", ["b4g64", "b3g64"], lambda: _installed("hqq", "hqq"), run_hqq, _version("hqq")),
-    Peer("optimum-quanto", ["qint4", "qint2"], lambda: _installed("optimum-quanto", "optimum.quanto"), run_quanto,
-         _version("optimum-quanto")),
-    Peer("bitsandbytes", ["nf4", "int8"], lambda: _installed("bitsandbytes", "bitsandbytes"), run_bnb,
-         _version("bitsandbytes")),
+    Peer("hqq", ["b4g64", "b3g64"], lambda: missing("hqq", "hqq"), run_hqq, dist_version("hqq")),
+    Peer("optimum-quanto", ["qint4", "qint2"], lambda: missing("optimum-quanto", "optimum.quanto"), run_quanto,
+         dist_version("optimum-quanto")),
+    Peer("bitsandbytes", ["nf4", "int8"], lambda: missing("bitsandbytes", "bitsandbytes"), run_bnb,
+         dist_version("bitsandbytes")),
     Peer("torchao", ["int4-g128", "intx-int4-g32", "intx-int3-g32", "intx-int2-g32"],
-         lambda: _installed("torchao", "torchao"), run_torchao, _version("torchao")),
+         lambda: missing("torchao", "torchao"), run_torchao, dist_version("torchao")),
 ]
