@@ -5,8 +5,8 @@ Budgets are the exact bits/param of the uniform HQQ rungs with 8-bit scales/zero
 3.13 nominal, b3g64 = 3.25, b3g32 = 3.51, b4g128 = 4.13, b4g64 = 4.25), so every plan is compared with uniform HQQ at
 equal bytes. Two stages, one process each (run one benchmark at a time):
 
-    python bench/alloc.py --stage plans   # scores, errors, all plans -> bench/results/alloc_plans/*.json
-    python bench/alloc.py --stage eval    # each plan in a fresh process: quantize, WikiText-2 and C4 PPL
+    python -m bench.alloc --stage plans   # scores, errors, all plans -> bench/results/alloc_plans/*.json
+    python -m bench.alloc --stage eval    # each plan in a fresh process: quantize, WikiText-2 and C4 PPL
 
 Rows: every method at every budget; the b3g32 budget also applies uniform and the +GWQ plan with GPTQ, and a
 3.60 bits/param budget (the GWQ target of issue 3) applies the +GWQ plan with HQQ and with GPTQ. Both stages resume:
@@ -16,16 +16,13 @@ plans already on disk and rows already measured are kept.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bench_parser, eval_args, peak_rss_mb, run_all, run_child_if_asked  # noqa: E402
+from bench.common import RESULTS, bench_parser, eval_args, peak_rss_mb, perplexities, run_all, run_child_if_asked
 
-HERE = Path(__file__).resolve().parent
 BUDGET_RUNGS = ("b2g32", "b3g128", "b3g64", "b3g32", "b4g128", "b4g64")
-BEST = {"method": "sensiboost", "exact": True, "error_metric": "fisher", "outlier_ratios": [0.0, 0.005, 0.01]}
+BEST = {"method": "sensiboost", "exact": True, "error_metric": "fisher", "outlier_ratios": (0.0, 0.005, 0.01)}
 VARIANTS = {  # name: (PlanConfig overrides, budgets)
     "uniform": ({"method": "uniform"}, BUDGET_RUNGS),
     "mxq": ({"method": "mxq"}, BUDGET_RUNGS),
@@ -49,11 +46,10 @@ def make_plans(plans: Path, out: Path) -> None:
     """Stage 1: every plan, sharing gradients, error tables and sensitivities through one cache."""
     import numpy as np
 
-    from sensiquant.alloc import LadderConfig
-    from sensiquant.models import load_model
-    from sensiquant.planning import PlanConfig, make_plan
-    from sensiquant.scoring import option_costs
-    from sensiquant.walk import find_linears
+    from sensiquant.io import load_model
+    from sensiquant.planning import LadderConfig, PlanCache, PlanConfig, make_plan
+    from sensiquant.planning.scoring import option_costs
+    from sensiquant.runtime import find_linears
 
     model, tok = load_model("smollm2-135m")
     layers = find_linears(model, PlanConfig().skip)
@@ -63,7 +59,7 @@ def make_plans(plans: Path, out: Path) -> None:
         cost = option_costs(layers, [(LadderConfig.from_name(rung), 0.0)], "hqq")
         budgets[rung] = float(np.sum(cost)) / n_params
     budgets.update(EXTRA_BUDGETS)
-    cache: dict = {}
+    cache = PlanCache()
     # resume: plans already on disk are kept (planning is deterministic for a given seed)
     records = json.loads(out.read_text())["plans"] if out.is_file() else []
     for variant, (overrides, rungs) in VARIANTS.items():
@@ -87,30 +83,27 @@ def run_one(spec: dict, max_windows: int, seqlen: int) -> dict:
     """Stage 2, in a fresh process: apply one plan and measure."""
     import torch
 
-    from sensiquant.alloc.plan import Plan
-    from sensiquant.data import load_text
-    from sensiquant.eval import perplexity
-    from sensiquant.models import load_model
-    from sensiquant.planning import apply_plan
+    from sensiquant.io import load_model
+    from sensiquant.methods import GPTQConfig, RoundConfig
+    from sensiquant.planning import Plan, apply_plan
 
     torch.manual_seed(0)
     model, tok = load_model("smollm2-135m")
     plan = Plan.load(spec["plan"])
-    plan.backend = spec.get("backend", plan.backend)
-    report, _ = apply_plan(model, tok, plan, progress=False)
+    method = {"gptq": GPTQConfig(), "hqq": RoundConfig(), None: None}[spec.get("backend")]
+    report, _ = apply_plan(model, tok, plan, method, progress=False)
     assert report.quantized_bits == plan.total_bits, "plan and checkpoint disagree on the bits"
     result = {"bits_per_param": report.bits_per_param, "budget": plan.budget_bits_per_param,
               "quantize_seconds": report.seconds, "n_outliers": report.n_outliers,
               "plan_seconds": sum(plan.seconds.values()), "flagged": plan.summary()["flagged"],
               "configs": plan.config_counts()}
-    for name in ("wikitext2", "c4"):
-        result[f"ppl_{name}"] = perplexity(model, tok, load_text(name), seqlen, max_windows, progress=False).ppl
+    result.update(perplexities(model, tok, max_windows, seqlen))
     result["peak_rss_mb"] = peak_rss_mb()
     return result
 
 
 def main() -> None:
-    ap = bench_parser(HERE / "results" / "alloc.json")
+    ap = bench_parser(RESULTS / "alloc.json")
     ap.add_argument("--stage", choices=["plans", "eval"], default="eval")
     args = ap.parse_args()
     if run_child_if_asked(args, run_one):
@@ -136,7 +129,7 @@ def main() -> None:
                 if rung in rungs and row(rung, v) not in configs]
     header = {"model": "smollm2-135m", "datasets": ["wikitext2 test", "c4 (local 2k validation docs)"],
               "seqlen": args.seqlen, "max_windows": args.max_windows}
-    run_all(__file__, configs, args.out, header, eval_args(args))
+    run_all("bench.alloc", configs, args.out, header, eval_args(args))
 
 
 if __name__ == "__main__":

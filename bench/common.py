@@ -1,33 +1,43 @@
-"""Shared benchmark plumbing: every configuration runs in a fresh process (so peak RSS is its own) and results
-are appended to a JSON file as they come, so an interrupted run resumes where it stopped."""
+"""Shared benchmark plumbing. Benchmarks are modules of the ``bench`` package, run from the repository root
+(``python -m bench.alloc``). Every configuration runs in a fresh process (so peak RSS is its own) and results are
+appended to a JSON file as they come, so an interrupted run resumes where it stopped."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from sensiquant.runtime.speed import peak_rss_mb  # noqa: F401  (the one peak-RSS measure, re-exported for benches)
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
 
 
-def run_child(script: str, spec: dict | None, extra_args: list[str]) -> dict:
-    """Run ``script --child SPEC`` and return the JSON object it prints last (or the error it died with)."""
+def run_json(cmd: list[str]) -> dict:
+    """Run ``cmd`` (from the repository root) and return the JSON object it prints last, or the error it died with."""
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, script, "--child", json.dumps(spec), *extra_args],
-                          capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0:
         lines = proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"]
         return {"error": lines[-1]}
-    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "wall_seconds": time.perf_counter() - start}
+    out = proc.stdout.strip()
+    try:
+        result = json.loads(out.splitlines()[-1])
+    except (json.JSONDecodeError, IndexError):
+        result = json.loads(out[out.index("{"):])  # an indented JSON document (``sensiquant ... --json``)
+    return {**result, "wall_seconds": time.perf_counter() - start}
 
 
-def run_all(script: str, configs: list[tuple[str, dict | None]], out: str, header: dict, extra_args: list[str],
+def run_child(module: str, child_args: list[str], extra_args: list[str]) -> dict:
+    """``python -m MODULE --child ARGS... EXTRA...`` in a fresh process; its last JSON line (or its error)."""
+    return run_json([sys.executable, "-m", module, "--child", *child_args, *extra_args])
+
+
+def run_all(module: str, configs: list[tuple[str, dict | None]], out: str, header: dict, extra_args: list[str],
             resume: bool = True) -> list[dict]:
     """Run every (name, spec) not already in ``out`` (when resuming), writing the file after each one."""
     path = Path(out)
@@ -37,11 +47,18 @@ def run_all(script: str, configs: list[tuple[str, dict | None]], out: str, heade
     for name, spec in configs:
         if name in done:
             continue
-        rows.append({"name": name, "spec": spec, **run_child(script, spec, extra_args)})
+        rows.append({"name": name, "spec": spec, **run_child(module, [json.dumps(spec)], extra_args)})
         print(json.dumps(rows[-1]), flush=True)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({**header, "rows": rows}, indent=2))
+        write_json(path, {**header, "rows": rows})
     return rows
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write a results file whole: to a temporary sibling, then renamed over the old one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
 
 
 def bench_parser(default_out: Path) -> argparse.ArgumentParser:
@@ -64,3 +81,11 @@ def run_child_if_asked(args, run_one) -> bool:
 
 def eval_args(args) -> list[str]:
     return ["--max-windows", str(args.max_windows), "--seqlen", str(args.seqlen)]
+
+
+def perplexities(model, tokenizer, max_windows: int, seqlen: int, sets=("wikitext2", "c4")) -> dict[str, float]:
+    """``ppl_<set>`` of the model on each set's test text (the GPTQ protocol of sensiquant.eval)."""
+    from sensiquant import evaluate_perplexity
+
+    return {f"ppl_{name}": r.ppl for name, r in evaluate_perplexity(model, tokenizer, sets, seqlen, max_windows,
+                                                                    progress=False).items()}

@@ -4,25 +4,21 @@ Base model; RTN and HQQ at 4-bit g64/g128 and 3-bit g64/g128 (sensiquant default
 scale update and L2 guard); plus the hqq package at its defaults and our HQQ at the package's settings, to show
 why the package loses to RTN at 3 bits. Each configuration runs in its own process so peak RSS is its own.
 
-    python bench/foundation.py [--max-windows 8] [--out bench/results/foundation.json]
+    python -m bench.foundation [--max-windows 8] [--out bench/results/foundation.json]
 """
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bench_parser, eval_args, peak_rss_mb, run_all, run_child_if_asked  # noqa: E402
+from bench.common import RESULTS, bench_parser, eval_args, peak_rss_mb, run_all, run_child_if_asked
 
-HERE = Path(__file__).resolve().parent
 CONFIGS = [("base", None)] + [
-    (f"{m} {b}-bit g{g}", {"method": m, "bits": b, "group_size": g})
+    (f"{m} {b}-bit g{g}", {"grid": m, "bits": b, "group_size": g})
     for b in (4, 3) for g in (64, 128) for m in ("rtn", "hqq")
 ] + [
     (f"hqq (package settings: fractional zero) {b}-bit g64",
-     {"method": "hqq", "bits": b, "group_size": 64, "round_zero": False,
+     {"grid": "hqq", "bits": b, "group_size": 64, "round_zero": False,
       "hqq": {"optimize_scale": False, "l2_guard": False}})
     for b in (4, 3)
 ] + [(f"hqq package 0.2.8 defaults {b}-bit g64", {"package": True, "bits": b, "group_size": 64}) for b in (4, 3)]
@@ -32,11 +28,8 @@ def run_one(spec: dict | None, max_windows: int, seqlen: int) -> dict:
     """Runs inside a fresh process: load, quantize, evaluate."""
     import torch
 
-    from sensiquant.config import LayerSpec, QuantConfig
-    from sensiquant.data import load_text
-    from sensiquant.eval import perplexity
-    from sensiquant.models import load_model
-    from sensiquant.quantize import quantize_model
+    from sensiquant import LayerSpec, QuantConfig, evaluate_perplexity, quantize_model
+    from sensiquant.io import load_model
 
     torch.manual_seed(0)
     model, tok = load_model("smollm2-135m")
@@ -47,7 +40,7 @@ def run_one(spec: dict | None, max_windows: int, seqlen: int) -> dict:
         report = quantize_model(model, QuantConfig(default=LayerSpec.from_dict(spec)), progress=False)
         result["bits_per_param"] = report.bits_per_param
         result["quantize_seconds"] = report.seconds
-    r = perplexity(model, tok, load_text("wikitext2"), seqlen, max_windows, progress=False)
+    r = evaluate_perplexity(model, tok, ["wikitext2"], seqlen, max_windows, progress=False)["wikitext2"]
     result.update(ppl=r.ppl, eval_seconds=r.seconds, n_windows=r.n_windows,
                   peak_rss_mb=peak_rss_mb())
     return result
@@ -58,7 +51,7 @@ def _package_quantize(model, bits: int, group_size: int) -> dict:
     import torch
     from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
 
-    from sensiquant.walk import find_linears
+    from sensiquant.runtime import find_linears
 
     cfg = BaseQuantizeConfig(nbits=bits, group_size=group_size)
     start = time.perf_counter()
@@ -73,7 +66,7 @@ def _package_quantize(model, bits: int, group_size: int) -> dict:
 
 
 def main() -> None:
-    ap = bench_parser(HERE / "results" / "foundation.json")
+    ap = bench_parser(RESULTS / "foundation.json")
     ap.add_argument("--only", default=None, help="run only configs whose name contains this")
     ap.add_argument("--fresh", action="store_true", help="ignore results already in --out")
     args = ap.parse_args()
@@ -82,7 +75,7 @@ def main() -> None:
     configs = [(n, s) for n, s in CONFIGS if not args.only or args.only in n]
     header = {"model": "smollm2-135m", "dataset": "wikitext2 test", "seqlen": args.seqlen,
               "max_windows": args.max_windows}
-    run_all(__file__, configs, args.out, header, eval_args(args),
+    run_all("bench.foundation", configs, args.out, header, eval_args(args),
             resume=not args.fresh)
 
 

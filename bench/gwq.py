@@ -12,18 +12,13 @@ Grids (run one or more with --grid; results accumulate in bench/results/gwq.json
   best-calib the best setting (3-bit g64 8-bit meta, 0.99% |g|, act-order HQQ grid) with 8 and 16 calibration
             sequences (gradients and GPTQ Hessians from the same windows)
 
-    python bench/gwq.py --grid core,saliency
+    python -m bench.gwq --grid core,saliency
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+from bench.common import RESULTS, bench_parser, eval_args, peak_rss_mb, perplexities, run_all, run_child_if_asked
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bench_parser, eval_args, peak_rss_mb, run_all, run_child_if_asked  # noqa: E402
-
-HERE = Path(__file__).resolve().parent
 SALIENCIES = ("grad", "grad_weight", "fisher", "hessian", "activation", "magnitude", "random")
 
 
@@ -57,30 +52,32 @@ def grids() -> dict[str, list]:
 def run_one(spec: dict, max_windows: int, seqlen: int) -> dict:
     import torch
 
-    from sensiquant.config import LayerSpec, QuantConfig
-    from sensiquant.data import load_text
-    from sensiquant.eval import perplexity
-    from sensiquant.gwq import GWQConfig, gwq_quantize
-    from sensiquant.models import load_model
+    from sensiquant import CalibConfig, GPTQConfig, LayerSpec, OutlierConfig, QuantConfig, RoundConfig, quantize_model
+    from sensiquant.io import load_model
 
     torch.manual_seed(0)
     model, tok = load_model("smollm2-135m")
-    texts = {name: load_text(name) for name in ("wikitext2", "c4")}
-    layer_spec = LayerSpec(method=spec.get("grid", "rtn"), bits=spec["bits"], group_size=spec["group_size"],
-                           quant_meta=spec["quant_meta"])
-    report, stats = gwq_quantize(model, tok, QuantConfig(default=layer_spec), GWQConfig(**spec["gwq"]),
-                                 progress=False)
+    gwq = spec["gwq"]
+    backend = gwq["backend"]  # rtn/hqq: round on that grid; gptq: GPTQ on the row's grid
+    layer_spec = LayerSpec(grid=spec.get("grid", "rtn") if backend == "gptq" else backend, bits=spec["bits"],
+                           group_size=spec["group_size"], quant_meta=spec["quant_meta"],
+                           outlier_ratio=gwq["outlier_ratio"])
+    method = GPTQConfig(act_order=gwq["act_order"]) if backend == "gptq" else RoundConfig()
+    config = QuantConfig(method=method, default=layer_spec, outliers=OutlierConfig(saliency=gwq["saliency"]),
+                         calib=CalibConfig(samples=gwq["calib_samples"]))
+    report = quantize_model(model, config, tok, progress=False)
     result = {"bits_per_param": report.bits_per_param, "n_outliers": report.n_outliers,
-              "gradient_seconds": stats.gradient_seconds, "input_seconds": stats.input_seconds,
-              "quantize_seconds": stats.quantize_seconds, "total_quantize_seconds": report.seconds}
-    for name, text in texts.items():
-        result[f"ppl_{name}"] = perplexity(model, tok, text, seqlen, max_windows, progress=False).ppl
+              "gradient_seconds": report.extra.get("gradient_seconds", 0.0),
+              "input_seconds": report.extra.get("input_seconds", 0.0),
+              "quantize_seconds": report.extra.get("quantize_seconds", report.seconds),
+              "total_quantize_seconds": report.seconds}
+    result.update(perplexities(model, tok, max_windows, seqlen))
     result["peak_rss_mb"] = peak_rss_mb()
     return result
 
 
 def main() -> None:
-    ap = bench_parser(HERE / "results" / "gwq.json")
+    ap = bench_parser(RESULTS / "gwq.json")
     ap.add_argument("--grid", default="core")
     args = ap.parse_args()
     if run_child_if_asked(args, run_one):
@@ -89,7 +86,7 @@ def main() -> None:
     configs = [c for g in args.grid.split(",") for c in all_grids[g]]
     header = {"model": "smollm2-135m", "datasets": ["wikitext2 test", "c4 (local 2k validation docs)"],
               "seqlen": args.seqlen, "max_windows": args.max_windows}
-    run_all(__file__, configs, args.out, header, eval_args(args))
+    run_all("bench.gwq", configs, args.out, header, eval_args(args))
 
 
 if __name__ == "__main__":

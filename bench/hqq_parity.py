@@ -5,7 +5,7 @@ fractional zero, scale fixed at min-max) and ours with ``round_zero=False, optim
 Also reports sensiquant's default HQQ. Reconstruction error summed over all layers: squared (Frobenius^2) and
 absolute (the L1 the solver's early stop watches).
 
-    python bench/hqq_parity.py [--out bench/results/hqq_parity.json]
+    python -m bench.hqq_parity [--out bench/results/hqq_parity.json]
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
+from bench.common import RESULTS
 
 
 def package_dequant(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
@@ -31,22 +31,22 @@ def package_dequant(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor
 
 
 def main() -> None:
-    from sensiquant.config import HQQParams, LayerSpec
-    from sensiquant.models import load_model
-    from sensiquant.quant import quantize_weight
-    from sensiquant.walk import find_linears
+    from sensiquant.format import HQQParams, LayerSpec
+    from sensiquant.io import load_model
+    from sensiquant.methods import quantize_weight
+    from sensiquant.runtime import find_linears
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=str(HERE / "results" / "hqq_parity.json"))
+    ap.add_argument("--out", default=str(RESULTS / "hqq_parity.json"))
     args = ap.parse_args()
     model, _ = load_model("smollm2-135m")
     linears = find_linears(model, ["lm_head"])
     results = []
     for bits, group in ((4, 64), (3, 64)):
-        same = LayerSpec(method="hqq", bits=bits, group_size=group, round_zero=False,
+        same = LayerSpec(grid="hqq", bits=bits, group_size=group, round_zero=False,
                          hqq=HQQParams(optimize_scale=False, l2_guard=False))
-        default = LayerSpec(method="hqq", bits=bits, group_size=group)
-        rtn = LayerSpec(method="rtn", bits=bits, group_size=group)
+        default = LayerSpec(grid="hqq", bits=bits, group_size=group)
+        rtn = LayerSpec(grid="rtn", bits=bits, group_size=group)
         sums = {k: {"sq": 0.0, "abs": 0.0, "seconds": 0.0} for k in ("package", "ours_same", "ours_default", "rtn")}
         worst = 0.0
         for w in (lin.weight.detach().float() for lin in linears.values()):

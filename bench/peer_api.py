@@ -34,7 +34,7 @@ class PeerContext:
 
     def load_base(self, dtype: torch.dtype = torch.float32):
         """A fresh copy of the base model and its tokenizer (transformers, dequantized from the GGUF)."""
-        from sensiquant.models import load_model
+        from sensiquant.io import load_model
 
         return load_model(self.model_name, dtype=dtype)
 
@@ -85,9 +85,10 @@ def tensor_bytes(tensor: torch.Tensor) -> int:
 
 def block_linear_names(model: torch.nn.Module) -> list[str]:
     """Names of the linears every peer quantizes: all nn.Linear of the transformer blocks (not lm_head)."""
-    from sensiquant.walk import find_linears
+    from sensiquant.pipeline import DEFAULT_SKIP
+    from sensiquant.runtime import find_linears
 
-    return list(find_linears(model, ["lm_head", "*embed*"]))
+    return list(find_linears(model, DEFAULT_SKIP))
 
 
 def missing(dist: str, module: str) -> str | None:

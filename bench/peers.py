@@ -6,8 +6,8 @@ that calibrate, the same WikiText-2 validation windows. Bits/param count everyth
 linears (see ``peer_api.py``). Peers that cannot run here get a row saying why. Results go to
 ``bench/results/peers.json`` after every row (an interrupted run resumes); ``--plot`` draws the Pareto plot.
 
-    python bench/peers.py [--peers sensiquant,hqq,llama.cpp,...] [--max-windows 8] [--calib-windows 16]
-    python bench/peers.py --model tiny/dir --peers sensiquant --max-windows 1 --seqlen 64   # a smoke run
+    python -m bench.peers [--peers sensiquant,hqq,llama.cpp,...] [--max-windows 8] [--calib-windows 16]
+    python -m bench.peers --model tiny/dir --peers sensiquant --max-windows 1 --seqlen 64   # a smoke run
 """
 
 from __future__ import annotations
@@ -16,20 +16,15 @@ import argparse
 import importlib
 import json
 import math
-import resource
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+from bench.common import RESULTS, peak_rss_mb, run_child, write_json
+from bench.peer_api import MODEL, Peer, PeerContext, PeerRun
 
-from peer_api import MODEL, Peer, PeerContext, PeerRun  # noqa: E402
-
-ADAPTERS = ("peers_sensiquant", "peers_hf", "peers_llamacpp", "peers_calib")
+ADAPTERS = ("bench.peers_sensiquant", "bench.peers_hf", "bench.peers_llamacpp", "bench.peers_calib")
 DATASETS = ("wikitext2", "c4")
 
 
@@ -40,7 +35,7 @@ def all_peers() -> dict[str, Peer]:
         try:
             module = importlib.import_module(module_name)
         except Exception as exc:  # an adapter with a broken import must not take the harness down
-            name = module_name.removeprefix("peers_")
+            name = module_name.removeprefix("bench.peers_")
             peers[name] = Peer(name, [], lambda exc=exc: f"adapter failed to import: {exc}", _no_run)
             continue
         for peer in module.PEERS:
@@ -56,7 +51,7 @@ def build_context(model: str, max_windows: int, seqlen: int, calib_windows: int,
                   data_dir: str | None) -> PeerContext:
     from sensiquant.data import load_text
     from sensiquant.eval.perplexity import tokenize_windows
-    from sensiquant.models import load_tokenizer, smollm2_gguf_path
+    from sensiquant.io import load_tokenizer, smollm2_gguf_path
 
     tokenizer = load_tokenizer(model)
     windows = {name: tokenize_windows(tokenizer, load_text(name, "test", data_dir), seqlen, max_windows)
@@ -64,18 +59,6 @@ def build_context(model: str, max_windows: int, seqlen: int, calib_windows: int,
     calib = tokenize_windows(tokenizer, load_text("wikitext2", "validation", data_dir), seqlen, calib_windows)
     gguf = smollm2_gguf_path() if model == MODEL else None
     return PeerContext(windows, calib, gguf, work_dir, threads=torch.get_num_threads(), model_name=model)
-
-
-@torch.no_grad()  # not inference_mode: some peers' tensors (optimum-quanto) refuse inference tensors
-def nll_of_windows(model, windows: torch.Tensor) -> tuple[float, int]:
-    """Summed next-token NLL over the windows and the number of predicted tokens (as perplexity_of_windows)."""
-    total, count = 0.0, 0
-    for window in windows:
-        ids = window.unsqueeze(0)
-        logits = model(ids).logits[0, :-1].float()
-        total += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
-        count += ids.shape[1] - 1
-    return total, count
 
 
 def run_one(peer_name: str, setting: str, args) -> dict:
@@ -86,12 +69,14 @@ def run_one(peer_name: str, setting: str, args) -> dict:
     run = peer.run(setting, ctx)
     row = {"bits_per_param": run.bits_per_param, "quantized_params": run.quantized_params,
            "quantize_seconds": run.quantize_seconds, "notes": run.notes, **run.extra}
+    from sensiquant.eval import nll_of_windows
+
     start = time.perf_counter()
     for name, windows in ctx.windows.items():
         total, count = run.nll[name] if run.nll is not None else nll_of_windows(run.model, windows)
         row[f"ppl_{name}"] = math.exp(total / count)
     row["eval_seconds"] = time.perf_counter() - start
-    row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    row["peak_rss_mb"] = peak_rss_mb()
     return row
 
 
@@ -105,7 +90,7 @@ def main() -> None:
     ap.add_argument("--calib-windows", type=int, default=16)
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--work-dir", default=str(Path.home() / ".cache" / "sensiquant-peers"))
-    ap.add_argument("--out", default=str(HERE / "results" / "peers.json"))
+    ap.add_argument("--out", default=str(RESULTS / "peers.json"))
     ap.add_argument("--plot", default=None, help="write the Pareto plot (PNG) here; default next to --out")
     ap.add_argument("--no-resume", action="store_true")
     ap.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
@@ -129,8 +114,7 @@ def main() -> None:
               "calib_windows": args.calib_windows, "torch": torch.__version__}
 
     def save() -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({**header, "rows": rows}, indent=2))
+        write_json(path, {**header, "rows": rows})
 
     for name in wanted:
         peer = peers[name]
@@ -144,22 +128,14 @@ def main() -> None:
         for setting in peer.settings:
             if (name, setting) in done or (only and setting not in only):
                 continue
-            start = time.perf_counter()
-            cmd = [sys.executable, __file__, "--child", name, setting, "--model", args.model,
-                   "--max-windows", str(args.max_windows), "--seqlen", str(args.seqlen),
-                   "--calib-windows", str(args.calib_windows), "--work-dir", args.work_dir]
+            extra = ["--model", args.model, "--max-windows", str(args.max_windows), "--seqlen", str(args.seqlen),
+                     "--calib-windows", str(args.calib_windows), "--work-dir", args.work_dir]
             if args.data_dir:
-                cmd += ["--data-dir", args.data_dir]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+                extra += ["--data-dir", args.data_dir]
             rows = [r for r in rows if (r["peer"], r["setting"]) != (name, setting)]
-            row = {"peer": name, "setting": setting, "version": version}
-            if proc.returncode == 0:
-                row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
-            else:
-                lines = proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"]
-                row["error"] = lines[-1]
-            row["wall_seconds"] = time.perf_counter() - start
-            rows.append(row)
+            rows.append({"peer": name, "setting": setting, "version": version,
+                         **run_child("bench.peers", [name, setting], extra)})
+            row = rows[-1]
             print(json.dumps(row), flush=True)
             save()
     save()

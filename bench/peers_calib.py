@@ -12,7 +12,8 @@ import math
 import time
 
 import torch
-from peer_api import Peer, PeerContext, PeerRun, block_linear_names, dist_version, missing
+
+from bench.peer_api import Peer, PeerContext, PeerRun, block_linear_names, dist_version, missing
 
 AUTOROUND_SETTINGS = {
     # setting -> (scheme, group size, iters, calibration sample length). 50 iterations is AutoRound's "light" recipe,

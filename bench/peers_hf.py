@@ -10,13 +10,14 @@ from __future__ import annotations
 import time
 
 import torch
-from peer_api import Peer, PeerContext, PeerRun, block_linear_names, dist_version, missing, tensor_bytes
 from torch import nn
+
+from bench.peer_api import Peer, PeerContext, PeerRun, block_linear_names, dist_version, missing, tensor_bytes
 
 
 def _replace_linears(model: nn.Module, names: list[str], make) -> float:
     """Swap every named linear for make(linear); returns the seconds it took."""
-    from sensiquant.walk import set_module
+    from sensiquant.runtime import set_module
 
     start = time.perf_counter()
     for name in names:

@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from peer_api import Peer, PeerContext, PeerRun
+
+from bench.peer_api import Peer, PeerContext, PeerRun
 
 VERSION = "0.3.36"  # llama-cpp-python sdist that bench/peers_llamacpp_setup.sh builds by default
 CACHE = Path(os.environ.get("SENSIQUANT_PEERS_CACHE", Path.home() / ".cache" / "sensiquant-peers"))
@@ -138,7 +139,7 @@ def importance_matrix(ctx: PeerContext) -> tuple[Path, dict]:
     llama.cpp re-tokenizes it with the same vocabulary into chunks of the window length (no BOS: the model's GGUF
     says add_bos_token=false), one chunk per calibration window.
     """
-    from sensiquant.models import load_tokenizer
+    from sensiquant.io import load_tokenizer
 
     n, seqlen = (int(d) for d in ctx.calib_windows.shape)
     base = f32_base(ctx)

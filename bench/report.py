@@ -157,7 +157,7 @@ TABLES = {"foundation": ("foundation.json", foundation_table), "hqq_parity": ("h
 
 def alloc_plots() -> list[Path]:
     """PPL against bits/param for every method of bench/alloc.py, and what two plans decided and why."""
-    from sensiquant.alloc.plan import Plan
+    from sensiquant.planning import Plan
     from sensiquant.plots import plot_allocation, plot_ppl_vs_bits, plot_profiles
 
     results = HERE / "results"

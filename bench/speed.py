@@ -4,20 +4,18 @@ SmolLM2-135M, a 512-token WikiText-2 prompt then 128 greedy tokens; prefill tok/
 for sensiquant the bytes the quantized weights occupy in memory against what bits/param predicts. Every row runs in
 a fresh process; checkpoints are made once (``--work-dir``) and reused. Run alone on the machine.
 
-    python bench/speed.py [--threads 2] [--out bench/results/speed.json]
+    python -m bench.speed [--threads 2] [--out bench/results/speed.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+from bench.common import RESULTS, peak_rss_mb, run_json
 
 # name -> (quantize arguments, or None for the original; dtype)
 ROWS: dict[str, tuple[list[str] | None, str]] = {
@@ -31,18 +29,10 @@ ROWS: dict[str, tuple[list[str] | None, str]] = {
     # speed does not depend on calibration size: 4 windows instead of the default 16 to save time
     "gwq 3-bit g64 meta8 + 0.99% outliers": (["--method", "gwq", "--calib-samples", "4"], "bfloat16"),
     # the budget-exact SensiBoost + Fisher + GWQ plan that bench/alloc.py made for 3.60 bits/param (mixed 2-8 bits)
-    "plan at 3.60 bits/param": (["--plan", str(HERE / "results" / "alloc_plans" /
+    "plan at 3.60 bits/param": (["--plan", str(RESULTS / "alloc_plans" /
                                               "bpp3.60-sensiboost_exact_fisher_plusgwq.json")], "bfloat16"),
 }
 LLAMA_CPP = ("Q4_K_M", "Q3_K_M")
-
-
-def _run(cmd: list[str]) -> dict:
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        lines = proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"]
-        return {"error": lines[-1]}
-    return json.loads(proc.stdout[proc.stdout.index("{"):])
 
 
 def checkpoint(name: str, quantize_args: list[str], work_dir: Path) -> tuple[Path, dict]:
@@ -50,7 +40,7 @@ def checkpoint(name: str, quantize_args: list[str], work_dir: Path) -> tuple[Pat
     slug = "".join(c if c.isalnum() else "-" for c in name.split(", widened")[0]).strip("-")
     path = work_dir / slug
     if not (path / "sensiquant.json").is_file():
-        made = _run([sys.executable, "-m", "sensiquant", "quantize", "smollm2-135m", *quantize_args, "--out",
+        made = run_json([sys.executable, "-m", "sensiquant", "quantize", "smollm2-135m", *quantize_args, "--out",
                      str(path), "--json", "--quiet"])
         if "error" in made:
             return path, made
@@ -59,17 +49,16 @@ def checkpoint(name: str, quantize_args: list[str], work_dir: Path) -> tuple[Pat
 
 def llama_cpp_row(setting: str, args) -> dict:
     """llama.cpp on the same prompt (llama-cpp-python), from the peer harness's cached quantized GGUF; a child."""
-    return _run([sys.executable, __file__, "--llama-child", setting, "--threads", str(args.threads),
+    return run_json([sys.executable, "-m", "bench.speed", "--llama-child", setting, "--threads", str(args.threads),
                  "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
                  "--peers-work-dir", args.peers_work_dir])
 
 
 def _llama_child(args) -> dict:
-    from peers import build_context
-    from peers_llamacpp import llama_cpp_speed, quantized_gguf
-
-    from sensiquant.models import load_tokenizer
-    from sensiquant.speed import peak_rss_mb, prompt_ids
+    from bench.peers import build_context
+    from bench.peers_llamacpp import llama_cpp_speed, quantized_gguf
+    from sensiquant.io import load_tokenizer
+    from sensiquant.runtime.speed import prompt_ids
 
     ctx = build_context("smollm2-135m", 8, 2048, 16, Path(args.peers_work_dir), None)
     path = quantized_gguf(args.llama_child, ctx)
@@ -88,7 +77,7 @@ def main() -> None:
     ap.add_argument("--work-dir", default=str(Path.home() / ".cache" / "sensiquant-speed"))
     ap.add_argument("--peers-work-dir", default=str(Path.home() / ".cache" / "sensiquant-peers"))
     ap.add_argument("--rows", default=None, help="comma-separated row names (default: all)")
-    ap.add_argument("--out", default=str(HERE / "results" / "speed.json"))
+    ap.add_argument("--out", default=str(RESULTS / "speed.json"))
     ap.add_argument("--llama-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.llama_child:
@@ -107,7 +96,7 @@ def main() -> None:
         row = {"name": name, "dtype": dtype, **made}
         if "error" not in row:
             extra = ["--widen"] if "widened" in name else []
-            runs = [_run([sys.executable, "-m", "sensiquant", "bench-speed", model, "--dtype", dtype, "--threads",
+            runs = [run_json([sys.executable, "-m", "sensiquant", "bench-speed", model, "--dtype", dtype, "--threads",
                           str(args.threads), "--prompt-tokens", str(args.prompt_tokens), "--new-tokens",
                           str(args.new_tokens), "--json", "--quiet", *extra]) for _ in range(args.repeats)]
             ok = [r for r in runs if "error" not in r]

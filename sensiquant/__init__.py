@@ -1,32 +1,39 @@
 """sensiquant: post-training weight-only low-bit quantization that spends bits where the model is sensitive."""
 
-from .alloc.plan import Plan, PlanLayer
-from .api import evaluate_perplexity, plan, quantize, quantize_with_plan
-from .checkpoint import load_quantized, save_quantized
-from .config import HQQParams, LayerSpec, QuantConfig
+from . import calib, data, eval, format, io, methods, pipeline, planning, runtime  # noqa: F401  (sq.runtime...)
+from .api import evaluate_perplexity, load_for_inference, plan, quantize, quantize_with_plan
+from .calib import CalibConfig
 from .errors import SensiquantError
 from .eval.zeroshot import evaluate_zeroshot, run_lm_eval
-from .gwq import GWQConfig, gwq_quantize
-from .models import load_model
-from .planning import PlanConfig, apply_plan, make_plan
-from .quantize import QuantReport, quantize_model
+from .format import HQQParams, LayerSpec
+from .io import load_model, load_quantized, save_quantized
+from .methods import GPTQConfig, OutlierConfig, RoundConfig
+from .pipeline import QuantConfig, QuantReport, gptq, gwq, quantize_model, recipe
+from .planning import Plan, PlanConfig, PlanLayer, apply_plan, make_plan
+from .runtime import convert_to_fast
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "GWQConfig",
+    "CalibConfig",
+    "GPTQConfig",
     "HQQParams",
     "LayerSpec",
+    "OutlierConfig",
     "Plan",
     "PlanConfig",
     "PlanLayer",
     "QuantConfig",
     "QuantReport",
+    "RoundConfig",
     "SensiquantError",
     "apply_plan",
+    "convert_to_fast",
     "evaluate_perplexity",
     "evaluate_zeroshot",
-    "gwq_quantize",
+    "gptq",
+    "gwq",
+    "load_for_inference",
     "load_model",
     "load_quantized",
     "make_plan",
@@ -34,6 +41,7 @@ __all__ = [
     "quantize",
     "quantize_model",
     "quantize_with_plan",
+    "recipe",
     "run_lm_eval",
     "save_quantized",
 ]

@@ -2,41 +2,47 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 
 import torch
 
-from .alloc.plan import Plan
-from .checkpoint import save_quantized
-from .config import LayerSpec, QuantConfig
 from .data import load_text
+from .errors import SensiquantError
 from .eval.perplexity import PerplexityResult, perplexity
-from .gwq import DEFAULT_SPEC as GWQ_DEFAULT_SPEC
-from .gwq import GWQConfig, gwq_quantize
-from .models import load_model
-from .planning import PlanConfig, apply_plan, make_plan
-from .quantize import quantize_model
+from .format.spec import LayerSpec
+from .io import load_model, save_quantized
+from .methods.gptq import GPTQConfig
+from .methods.round import RoundConfig
+from .pipeline import DEFAULT_SKIP, QuantConfig, QuantReport, quantize_model, recipe
+from .planning import Plan, PlanConfig, apply_plan, make_plan
+from .runtime.walk import model_size_bytes
+
+DEFAULT_RECIPE = "hqq"
 
 
-def quantize(model_name: str, config: QuantConfig | LayerSpec | None = None, out_dir: str | Path | None = None,
-             progress: bool = True, trust_remote_code: bool = False, gwq: GWQConfig | None = None):
-    """Load ``model_name``, quantize it (GWQ when ``gwq`` is given), optionally save it.
-
-    Without ``config``: 4-bit g64 HQQ, or GWQ's best measured grid (:data:`sensiquant.gwq.DEFAULT_SPEC`) with ``gwq``.
-    Returns (model, tokenizer, report).
-    """
+def as_quant_config(config: QuantConfig | LayerSpec | str | None) -> QuantConfig:
+    """A QuantConfig from a QuantConfig, a LayerSpec (round to nearest on its grid), a recipe name, or None (the
+    default recipe, HQQ 4-bit g64)."""
     if config is None:
-        config = QuantConfig() if gwq is None else QuantConfig(default=GWQ_DEFAULT_SPEC)
-    elif isinstance(config, LayerSpec):
-        config = QuantConfig(default=config)
+        return recipe(DEFAULT_RECIPE)
+    if isinstance(config, str):
+        return recipe(config)
+    if isinstance(config, LayerSpec):
+        return QuantConfig(default=config)
+    if isinstance(config, QuantConfig):
+        return config
+    raise SensiquantError(f"expected a QuantConfig, LayerSpec or recipe name, got {type(config).__name__}")
+
+
+def quantize(model_name: str, config: QuantConfig | LayerSpec | str | None = None, out_dir: str | Path | None = None,
+             progress: bool = True, trust_remote_code: bool = False,
+             calib_batches: list[dict] | None = None) -> tuple[torch.nn.Module, object, QuantReport]:
+    """Load ``model_name``, quantize it as ``config`` says (see :func:`as_quant_config`), optionally save it.
+    Returns (model, tokenizer, report)."""
+    config = as_quant_config(config)
     model, tokenizer = load_model(model_name, trust_remote_code=trust_remote_code)
-    if gwq is None:
-        report = quantize_model(model, config, progress=progress)
-    else:
-        report, stats = gwq_quantize(model, tokenizer, config, gwq, progress=progress)
-        report.extra = {"gwq": gwq.to_dict(), "gwq_stats": dataclasses.asdict(stats)}
+    report = quantize_model(model, config, tokenizer, progress, calib_batches)
     if out_dir is not None:
         save_quantized(model, tokenizer, out_dir, config, report)
     return model, tokenizer, report
@@ -49,14 +55,16 @@ def plan(model_name: str, config: PlanConfig, progress: bool = True, trust_remot
 
 
 def quantize_with_plan(model_name: str, plan_or_config: Plan | PlanConfig, out_dir: str | Path | None = None,
-                       progress: bool = True, trust_remote_code: bool = False):
-    """Load ``model_name``, plan it (when given a PlanConfig) and quantize it as planned; optionally save it
-    (the plan is written next to the checkpoint as plan.json). Returns (model, tokenizer, report, plan)."""
+                       method: RoundConfig | GPTQConfig | None = None, progress: bool = True,
+                       trust_remote_code: bool = False):
+    """Load ``model_name``, plan it (when given a PlanConfig) and quantize it as planned, with ``method`` or the
+    plan's own; optionally save it (the plan is written next to the checkpoint as plan.json).
+    Returns (model, tokenizer, report, plan)."""
     model, tokenizer = load_model(model_name, trust_remote_code=trust_remote_code)
     the_plan = plan_or_config
     if isinstance(plan_or_config, PlanConfig):
         the_plan = make_plan(model, tokenizer, plan_or_config, progress, model_name=str(model_name))
-    report, config = apply_plan(model, tokenizer, the_plan, progress)
+    report, config = apply_plan(model, tokenizer, the_plan, method, progress)
     if out_dir is not None:
         save_quantized(model, tokenizer, out_dir, config, report)
         the_plan.save(Path(out_dir) / "plan.json")
@@ -65,19 +73,43 @@ def quantize_with_plan(model_name: str, plan_or_config: Plan | PlanConfig, out_d
 
 def evaluate_perplexity(model, tokenizer, datasets=("wikitext2",), seqlen: int = 2048,
                         max_windows: int | None = None, data_dir: str | os.PathLike | None = None,
-                        progress: bool = True) -> dict[str, PerplexityResult]:
-    """Perplexity on each named set or text file (test split for wikitext2)."""
-    return {name: perplexity(model, tokenizer, load_text(name, "test", data_dir), seqlen, max_windows, progress,
-                             desc=f"ppl {Path(name).name}")
-            for name in datasets}
+                        progress: bool = True, texts: dict[str, str] | None = None) -> dict[str, PerplexityResult]:
+    """Perplexity on each named set or text file (test split for wikitext2); ``texts`` gives texts already read."""
+    texts = texts if texts is not None else {name: load_text(name, "test", data_dir) for name in datasets}
+    return {name: perplexity(model, tokenizer, text, seqlen, max_windows, progress, desc=f"ppl {Path(name).name}")
+            for name, text in texts.items()}
 
 
-def model_size_bytes(model: torch.nn.Module) -> int:
-    """Bytes of everything the model stores: unique parameters and persistent buffers (tied weights once)."""
-    seen, total = set(), 0
-    for value in model.state_dict().values():
-        if value.data_ptr() in seen and value.numel():
-            continue
-        seen.add(value.data_ptr())
-        total += value.numel() * value.element_size()
-    return total
+def load_for_inference(name_or_path: str, dtype: str = "bfloat16", fast: bool = True, widen: bool = False,
+                       trust_remote_code: bool = False):
+    """(model, tokenizer, info) ready to run: weights in ``dtype``, quantized layers on the fast CPU kernels
+    (unless ``fast=False``), attention scores in fp32. ``info`` names the kernels and the bytes they hold."""
+    from .runtime import build_extension, convert_to_fast, extension_available, quant_weight_bytes, use_fp32_attention
+    from .runtime.extension import extension_error
+
+    torch_dtype = getattr(torch, dtype)
+    model, tokenizer = load_model(name_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    if tokenizer is None:
+        raise SensiquantError(f"{name_or_path} has no tokenizer files")
+    report = getattr(model, "sensiquant_report", None)
+    paths: dict[str, str] = {}
+    if fast and report is not None:
+        paths = convert_to_fast(model, dtype=torch_dtype, widen=widen)
+    else:
+        model.to(torch_dtype)
+    # bf16 attention on the CPU is slow without AMX (see use_fp32_attention): scores in fp32 for every model alike
+    attention = "sdpa, scores in fp32" if use_fp32_attention(model) else model.config._attn_implementation
+    info = {"model": str(name_or_path), "dtype": dtype, "fast": bool(paths), "attention": attention,
+            "kernels": {k: sum(1 for v in paths.values() if v == k) for k in sorted(set(paths.values()))}}
+    if paths:
+        info["extension"] = build_extension() if extension_available() else {"error": extension_error()}
+    if report is not None:
+        info["bits_per_param"] = report.bits_per_param
+        info["stored_weight_bytes"] = report.quantized_bits // 8
+        if paths:
+            info["resident_weight_bytes"] = quant_weight_bytes(model)
+    return model, tokenizer, info
+
+
+__all__ = ["DEFAULT_RECIPE", "DEFAULT_SKIP", "as_quant_config", "evaluate_perplexity", "load_for_inference",
+           "model_size_bytes", "plan", "quantize", "quantize_with_plan"]

@@ -12,8 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from .alloc.plan import Plan  # noqa: E402
 from .errors import SensiquantError  # noqa: E402
+from .planning.plan import Plan  # noqa: E402
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sensiquant import SensiquantError
-from sensiquant.alloc.plan import Plan, PlanLayer
+from sensiquant.planning import Plan, PlanLayer
 from sensiquant.plots import plot_allocation, plot_ppl_vs_bits, plot_profiles
 
 MODULES = ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")

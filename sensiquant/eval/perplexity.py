@@ -42,9 +42,9 @@ def tokenize_windows(tokenizer, text: str, seqlen: int, max_windows: int | None 
     return ids[: n * seqlen].view(n, seqlen)
 
 
-@torch.inference_mode()
-def perplexity_of_windows(model, windows: torch.Tensor, progress: bool = True, desc: str = "ppl") -> PerplexityResult:
-    start = time.perf_counter()
+@torch.no_grad()  # not inference_mode: some peers' tensors (optimum-quanto) refuse inference tensors
+def nll_of_windows(model, windows: torch.Tensor, progress: bool = False, desc: str = "ppl") -> tuple[float, int]:
+    """Summed next-token NLL over the (n, seqlen) windows and the number of predicted tokens."""
     device = next(model.parameters()).device
     total_nll, count = 0.0, 0
     for window in tqdm(windows, desc=desc, disable=not progress):
@@ -52,6 +52,12 @@ def perplexity_of_windows(model, windows: torch.Tensor, progress: bool = True, d
         logits = model(ids).logits[0, :-1].float()
         total_nll += float(F.cross_entropy(logits, ids[0, 1:], reduction="sum"))
         count += ids.shape[1] - 1
+    return total_nll, count
+
+
+def perplexity_of_windows(model, windows: torch.Tensor, progress: bool = True, desc: str = "ppl") -> PerplexityResult:
+    start = time.perf_counter()
+    total_nll, count = nll_of_windows(model, windows, progress, desc)
     nll = total_nll / count
     return PerplexityResult(math.exp(nll), nll, windows.shape[0], windows.shape[1], count,
                             time.perf_counter() - start)

@@ -4,16 +4,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_peer_harness_runs_end_to_end_on_a_tiny_model(tiny_llama, data_dir, tmp_path):
     out = tmp_path / "peers.json"
-    cmd = [sys.executable, str(BENCH / "peers.py"), "--model", str(tiny_llama), "--peers", "sensiquant",
+    cmd = [sys.executable, "-m", "bench.peers", "--model", str(tiny_llama), "--peers", "sensiquant",
            "--settings", "hqq-b4g64,gwq", "--max-windows", "1", "--seqlen", "64",
            "--calib-windows", "2", "--data-dir", str(data_dir), "--work-dir", str(tmp_path / "work"),
            "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
                           env={**os.environ, "SENSIQUANT_DATA_DIR": str(data_dir)})
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
@@ -38,8 +38,7 @@ def test_pareto_front():
 
 def test_autoround_bits_count_its_packed_export():
     """Codes at their width, one FP16 scale and one packed zero per group; a ragged last group counts whole."""
-    sys.path.insert(0, str(BENCH))
-    from peers_calib import _export_bits
+    from bench.peers_calib import _export_bits
 
     assert _export_bits(16, 576, 3, 128) == 16 * 576 * 3 + 16 * 5 * (16 + 3)  # 576 = 4 x 128 + 64: 5 groups
     assert _export_bits(8, 256, 4, 128) / (8 * 256) == 4 + 20 / 128

@@ -21,7 +21,7 @@ from sensiquant.eval.zeroshot import (
     run_lm_eval,
     score_examples,
 )
-from sensiquant.models import load_model
+from sensiquant.io import load_model
 
 
 def byte_tokenizer():

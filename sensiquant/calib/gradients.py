@@ -1,0 +1,89 @@
+"""The gradient pass: back-propagate the causal-LM loss window by window and accumulate, for every selected weight,
+sum |g| and sum g^2 in a compact dtype. Gradients never pile up: a post-accumulate hook folds each weight's gradient
+into its score buffers and frees it, no optimizer state exists, only the selected weights require grad, and
+gradient checkpointing (where the model supports it) trades compute for activation memory."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .windows import as_batches
+
+
+@dataclass
+class GradientStats:
+    abs_sum: dict[str, torch.Tensor]
+    sq_sum: dict[str, torch.Tensor]
+    n_samples: int
+    seconds: float
+    loss: float  # mean calibration loss
+
+
+@contextmanager
+def _only_these_require_grad(model: nn.Module, params: list[nn.Parameter]):
+    saved = {p: p.requires_grad for p in model.parameters()}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p, flag in saved.items():
+            p.requires_grad_(flag)
+            p.grad = None
+
+
+def gradient_statistics(model: nn.Module, windows, layers: dict[str, nn.Linear],
+                        dtype: torch.dtype = torch.bfloat16, checkpointing: bool = True,
+                        progress: bool = True) -> GradientStats:
+    """Sum over windows of |dL/dW| and (dL/dW)^2 for the weight of every layer in ``layers``."""
+    start = time.perf_counter()
+    batches = as_batches(windows)
+    abs_sum = {n: torch.zeros_like(m.weight, dtype=dtype) for n, m in layers.items()}
+    sq_sum = {n: torch.zeros_like(m.weight, dtype=dtype) for n, m in layers.items()}
+    handles = []
+    for name, layer in layers.items():
+        def fold(param, name=name):
+            g = param.grad.float()
+            abs_sum[name] += g.abs().to(dtype)
+            sq_sum[name] += g.pow(2).to(dtype)
+            param.grad = None
+        handles.append(layer.weight.register_post_accumulate_grad_hook(fold))
+    was_training = model.training
+    use_ckpt = checkpointing and getattr(model, "supports_gradient_checkpointing", False)
+    total_loss = 0.0
+    try:
+        with _only_these_require_grad(model, [m.weight for m in layers.values()]):
+            if use_ckpt:
+                _checkpointing(model, True)
+                model.train()  # checkpointing is only active in training mode; LLaMA-style models have no dropout
+            for batch in tqdm(batches, desc="gradients", disable=not progress):
+                loss = model(**batch, labels=batch["input_ids"], use_cache=False).loss
+                loss.backward()
+                total_loss += float(loss.detach())
+    finally:
+        for h in handles:
+            h.remove()
+        if use_ckpt:
+            _checkpointing(model, False)
+        model.train(was_training)
+    return GradientStats(abs_sum, sq_sum, len(batches), time.perf_counter() - start, total_loss / len(batches))
+
+
+def _checkpointing(model: nn.Module, on: bool) -> None:
+    """Turn activation (gradient) checkpointing on or off, across transformers versions."""
+    kwargs = {"use_reentrant": False}
+    if on and hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+        disable()

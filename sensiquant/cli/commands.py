@@ -1,0 +1,210 @@
+"""Command handlers: parse the flags into configs, call the API, return a plain result dict for printing."""
+
+from __future__ import annotations
+
+from ..errors import SensiquantError
+
+# flags of `quantize` that only some configs use: (flag, attribute) -> the config must use it, or it is an error
+_CALIB_FLAGS = {"--calib": "calib", "--calib-samples": "calib_samples", "--calib-seqlen": "calib_seqlen"}
+_OUTLIER_FLAGS = {"--saliency": "saliency", "--outlier-scope": "outlier_scope"}
+_GPTQ_FLAGS = {"--act-order": "act_order"}
+
+
+def split(text: str | None) -> list[str]:
+    return [s.strip() for s in (text or "").split(",") if s.strip()]
+
+
+def _given(args, flags: dict[str, str]) -> list[str]:
+    return [flag for flag, attr in flags.items() if getattr(args, attr, None) is not None]
+
+
+def quant_config(args):
+    """The QuantConfig of a `quantize` command line: the recipe of --method, changed by the flags given."""
+    from ..calib import CalibConfig
+    from ..methods import GPTQConfig, OutlierConfig, needed_statistics
+    from ..pipeline import recipe
+
+    base = recipe(args.method)
+    spec_changes = {k: v for k, v in (("bits", args.bits), ("group_size", args.group_size),
+                                      ("quant_meta", args.quant_meta), ("grid", args.grid),
+                                      ("outlier_ratio", args.outlier_ratio)) if v is not None}
+    spec = base.default.replace(**spec_changes)
+    outliers = OutlierConfig(**{k: v for k, v in (("saliency", args.saliency), ("scope", args.outlier_scope),
+                                                  ("seed", args.seed)) if v is not None})
+    calib = CalibConfig(**{k: v for k, v in (("source", args.calib), ("samples", args.calib_samples),
+                                             ("seqlen", args.calib_seqlen), ("seed", args.seed),
+                                             ("data_dir", args.data_dir)) if v is not None})
+    method = base.method
+    if args.act_order is not None:
+        if not isinstance(method, GPTQConfig):
+            raise SensiquantError(f"--act-order applies to GPTQ (--method gptq or gwq), not --method {args.method}")
+        method = method.replace(act_order=args.act_order)
+    config = base.replace(method=method, default=spec, skip=tuple(split(args.skip)), outliers=outliers, calib=calib)
+    if spec.outlier_ratio == 0 and _given(args, _OUTLIER_FLAGS):
+        raise SensiquantError(f"{_given(args, _OUTLIER_FLAGS)[0]} applies only with outliers (--outlier-ratio > 0)")
+    needs = needed_statistics(method) | (outliers.needs if spec.outlier_ratio > 0 else frozenset())
+    if not needs and _given(args, _CALIB_FLAGS):
+        raise SensiquantError(f"{_given(args, _CALIB_FLAGS)[0]} applies only to methods that calibrate "
+                              f"(gptq, gwq, or outliers ranked by a calibrated saliency)")
+    return config
+
+
+def plan_config(args, **overrides):
+    """The PlanConfig of a command line; ``overrides`` (e.g. the best method's settings) win over the flags."""
+    from ..planning import PlanConfig
+
+    defaults = PlanConfig()
+    kwargs = {"budget": args.budget, "skip": tuple(split(args.skip))}
+    for name in ("method", "exact", "error_metric", "apply_method", "stop", "threshold"):
+        if getattr(args, name, None) is not None:
+            kwargs[name] = getattr(args, name)
+    if getattr(args, "outlier_ratios", None) is not None:
+        try:
+            kwargs["outlier_ratios"] = tuple(float(r) for r in split(args.outlier_ratios)) or (0.0,)
+        except ValueError:
+            raise SensiquantError(f"bad --outlier-ratios {args.outlier_ratios!r}: expected numbers like "
+                                  "0,0.01") from None
+    if getattr(args, "top_m", None) is not None:
+        kwargs["top_m"] = None if args.top_m < 0 else args.top_m
+    if getattr(args, "ladder", None):
+        kwargs["ladder"] = tuple(split(args.ladder))
+    seed = getattr(args, "seed", None)
+    common = {k: v for k, v in (("source", getattr(args, "calib", None)), ("seed", seed),
+                                ("data_dir", args.data_dir)) if v is not None}
+    sensitivity = {k: v for k, v in (("samples", getattr(args, "calib_samples", None)),
+                                     ("seqlen", getattr(args, "calib_seqlen", None))) if v is not None}
+    kwargs["sensitivity_calib"] = defaults.sensitivity_calib.replace(**common, **sensitivity)
+    kwargs["gradient_calib"] = defaults.gradient_calib.replace(**common)
+    return PlanConfig(**{**kwargs, **overrides})
+
+
+def eval_texts(args) -> dict[str, str]:
+    """Read the evaluation texts before any model work, so a missing file fails fast."""
+    from ..data import load_text
+
+    return {name: load_text(name, "test", args.data_dir) for name in split(args.ppl)}
+
+
+def _perplexities(model, tokenizer, texts, args) -> dict:
+    from ..api import evaluate_perplexity
+
+    return {name: r.to_dict() for name, r in evaluate_perplexity(
+        model, tokenizer, seqlen=args.seqlen, max_windows=args.max_windows, progress=not args.quiet,
+        texts=texts).items()}
+
+
+def cmd_quantize(args) -> dict:
+    from ..api import model_size_bytes, quantize
+
+    if args.plan or args.budget is not None:
+        return cmd_quantize_planned(args)
+    config = quant_config(args)
+    texts = eval_texts(args)
+    model, tokenizer, report = quantize(args.model, config, args.out, progress=not args.quiet,
+                                        trust_remote_code=args.trust_remote_code)
+    return {"model": args.model, "method": args.method, "spec": config.default.to_dict(), **report.summary(),
+            "model_bytes": model_size_bytes(model), "out": args.out,
+            "ppl": _perplexities(model, tokenizer, texts, args)}
+
+
+def cmd_quantize_planned(args) -> dict:
+    from ..api import model_size_bytes, quantize_with_plan
+    from ..planning import BEST_METHOD, Plan
+
+    if args.plan and args.budget is not None:
+        raise SensiquantError("give either --plan or --budget, not both")
+    plan = Plan.load(args.plan) if args.plan else plan_config(args, **BEST_METHOD)
+    texts = eval_texts(args)
+    model, tokenizer, report, plan = quantize_with_plan(args.model, plan, args.out, progress=not args.quiet,
+                                                        trust_remote_code=args.trust_remote_code)
+    return {"model": args.model, **report.summary(), "model_bytes": model_size_bytes(model), "out": args.out,
+            "ppl": _perplexities(model, tokenizer, texts, args)}
+
+
+def cmd_plan(args) -> dict:
+    from pathlib import Path
+
+    from ..api import plan as make_plan
+
+    plan = make_plan(args.model, plan_config(args), progress=not args.quiet,
+                     trust_remote_code=args.trust_remote_code)
+    plan.save(args.out)
+    result = {"model": args.model, **plan.summary(), "plan": args.out, "seconds": sum(plan.seconds.values())}
+    if args.plots:
+        from ..plots import plot_allocation, plot_profiles
+
+        folder = Path(args.plots)
+        result["plots"] = [str(plot_allocation(plan, folder / "allocation.png"))]
+        if plan.profiles:
+            result["plots"].append(str(plot_profiles(plan, folder / "scores.png")))
+    return result
+
+
+def cmd_eval(args) -> dict:
+    import torch
+
+    from ..eval.zeroshot import evaluate_zeroshot, load_task, resolve_tasks
+    from ..io import load_model
+    from ..runtime import float32_head, model_size_bytes
+
+    if args.ppl is None and args.tasks is None:
+        args.ppl = "wikitext2"
+    texts = eval_texts(args)
+    tasks = resolve_tasks(args.tasks) if args.tasks else []
+    for name in tasks:  # every task file read before the model loads, so a missing one fails fast
+        load_task(name, args.data_dir, args.limit)
+    model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    if tokenizer is None:
+        raise SensiquantError(f"{args.model} has no tokenizer files")
+    result = {"model": args.model, "model_bytes": model_size_bytes(model), "dtype": args.dtype}
+    report = getattr(model, "sensiquant_report", None)
+    if report is not None:
+        result["bits_per_param"] = report.bits_per_param
+    if args.dtype != "float32":
+        model.to(getattr(torch, args.dtype))
+        float32_head(model)
+    result["ppl"] = _perplexities(model, tokenizer, texts, args)
+    if tasks:
+        scores = evaluate_zeroshot(model, tokenizer, tasks, limit=args.limit, data_dir=args.data_dir,
+                                   batch_tokens=args.batch_tokens, progress=not args.quiet)
+        result["tasks"] = {name: r.to_dict() for name, r in scores.items()}
+    return result
+
+
+def _inference(args):
+    import torch
+
+    from ..api import load_for_inference
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SensiquantError(f"threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    return load_for_inference(args.model, args.dtype, args.fast, args.widen, args.trust_remote_code)
+
+
+def cmd_generate(args) -> dict:
+    from ..runtime import greedy_generate
+
+    if args.max_new_tokens < 2:
+        raise SensiquantError(f"--max-new-tokens must be at least 2, got {args.max_new_tokens}")
+    model, tokenizer, info = _inference(args)
+    ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+    tokens, prefill, decode = greedy_generate(model, ids, args.max_new_tokens)
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    return {**info, "prompt": args.prompt, "completion": text, "tokens": tokens,
+            "decode_tokens_per_second": (len(tokens) - 1) / decode if decode > 0 else None}
+
+
+def cmd_bench_speed(args) -> dict:
+    from ..runtime import measure_speed
+
+    model, tokenizer, info = _inference(args)
+    result = measure_speed(model, tokenizer, args.prompt_tokens, args.new_tokens, data_dir=args.data_dir)
+    return {**info, **result.to_dict()}
+
+
+COMMANDS = {"quantize": cmd_quantize, "plan": cmd_plan, "eval": cmd_eval, "generate": cmd_generate,
+            "bench-speed": cmd_bench_speed}
+
+

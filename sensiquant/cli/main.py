@@ -1,0 +1,202 @@
+"""Command line: ``sensiquant quantize``, ``plan``, ``eval``, ``generate`` and ``bench-speed``. Defaults come from
+the config dataclasses and recipes; handlers live in :mod:`sensiquant.cli.commands`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from ..errors import SensiquantError
+
+
+def _add_common(p: argparse.ArgumentParser, data: bool = True) -> None:
+    if data:
+        p.add_argument("--data-dir", default=None, help="folder laid out like shared/data (or $SENSIQUANT_DATA_DIR)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model's repo")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+
+
+def _add_ppl(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ppl", default=None, help="comma-separated sets or text files to score (wikitext2, c4, path)")
+    p.add_argument("--seqlen", type=int, default=2048, help="window length in tokens (default 2048)")
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import sensiquant
+
+    from ..api import DEFAULT_RECIPE
+    from ..calib import CalibConfig
+    from ..io.models import DEFAULT_MODEL
+    from ..methods import SALIENCIES, OutlierConfig
+    from ..methods.outliers import SCOPES
+    from ..pipeline import DEFAULT_SKIP, GWQ_SPEC, RECIPES
+    from ..planning import PLAN_METHODS, PlanConfig
+    from ..planning.plan import APPLY_METHODS
+
+    calib, outliers, plan = CalibConfig(), OutlierConfig(), PlanConfig()
+    parser = argparse.ArgumentParser(prog="sensiquant", description=__doc__.split(".")[0])
+    parser.add_argument("--version", action="version", version=f"sensiquant {sensiquant.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    model_help = f"hub id, local directory, .gguf file, or {DEFAULT_MODEL} (default)"
+
+    q = sub.add_parser("quantize", help="quantize a model and write a checkpoint")
+    q.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=model_help)
+    q.add_argument("--method", choices=RECIPES, default=DEFAULT_RECIPE,
+                   help=f"recipe (default {DEFAULT_RECIPE}): rtn/hqq round to nearest on the min-max/HQQ grid; gptq; "
+                        "gwq = gptq + gradient-ranked FP16 outliers")
+    q.add_argument("--bits", type=int, default=None, help="code width 2, 3, 4 or 8 (default: rtn/hqq 4, gptq/gwq 3)")
+    q.add_argument("--group-size", type=int, default=None, help="columns per group; -1 for per-channel (default 64)")
+    q.add_argument("--quant-meta", action=argparse.BooleanOptionalAction, default=None,
+                   help="store scales and zeros in 8 bits, groups of 128 (default: off for rtn/hqq, on for gptq/gwq)")
+    q.add_argument("--grid", choices=["rtn", "hqq"], default=None,
+                   help="grid fit of gptq/gwq (default hqq; rtn and hqq name their own)")
+    q.add_argument("--skip", default=",".join(DEFAULT_SKIP),
+                   help="comma-separated name patterns kept in full precision")
+    q.add_argument("--out", default=None, help="checkpoint directory to write")
+    q.add_argument("--plan", default=None, help="plan JSON from `sensiquant plan` (per-layer configs)")
+    q.add_argument("--budget", type=float, default=None,
+                   help="bits/param for all quantized linears: plan with the best method, then quantize")
+    g = q.add_argument_group("outliers and calibration")
+    g.add_argument("--outlier-ratio", type=float, default=None,
+                   help=f"share of weights kept in FP16 (default: gwq {GWQ_SPEC.outlier_ratio}, else 0)")
+    g.add_argument("--outlier-scope", choices=SCOPES, default=None, help=f"default {outliers.scope}")
+    g.add_argument("--saliency", choices=SALIENCIES, default=None, help=f"ranking (default {outliers.saliency})")
+    g.add_argument("--calib", default=None, help=f"calibration set or text file (default {calib.source})")
+    g.add_argument("--calib-samples", type=int, default=None, help=f"calibration windows (default {calib.samples})")
+    g.add_argument("--calib-seqlen", type=int, default=None, help=f"tokens per window (default {calib.seqlen})")
+    g.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPTQ: process columns by descending Hessian diagonal (default on)")
+    g.add_argument("--seed", type=int, default=None, help=f"calibration seed (default {calib.seed})")
+    _add_ppl(q)
+    _add_common(q)
+
+    p = sub.add_parser("plan", help="choose per-layer bits for a memory budget and write the plan as JSON")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=model_help)
+    p.add_argument("--budget", type=float, required=True, help="bits per parameter, everything counted")
+    p.add_argument("--method", choices=PLAN_METHODS, default=None, help=f"default {plan.method}")
+    p.add_argument("--exact", action="store_true", default=None,
+                   help="keep the boosted plan within the budget (the least important layers pay for it)")
+    p.add_argument("--outlier-ratios", default=None,
+                   help="comma-separated GWQ outlier shares a matrix may take, e.g. 0,0.005,0.01 (needs --exact)")
+    p.add_argument("--error-metric", choices=["frobenius", "fisher"], default=None,
+                   help=f"default {plan.error_metric}")
+    p.add_argument("--apply-method", choices=APPLY_METHODS, default=None,
+                   help=f"how the plan is applied: round on the grid, or GPTQ on it (default {plan.apply_method})")
+    p.add_argument("--stop", type=int, default=None, help=f"ladder rungs a flagged layer goes up (default {plan.stop})")
+    p.add_argument("--threshold", type=float, default=None, help=f"z-score flagging a layer (default {plan.threshold})")
+    p.add_argument("--top-m", type=int, default=None, help=f"flag at most N layers, -1: all (default {plan.top_m})")
+    p.add_argument("--ladder", default=None, help="comma-separated rungs, e.g. b2g64,b3g128,b4g64 (default: all)")
+    p.add_argument("--calib", default=None, help=f"calibration set or text file (default {calib.source})")
+    p.add_argument("--calib-samples", type=int, default=None,
+                   help=f"sensitivity windows (default {plan.sensitivity_calib.samples})")
+    p.add_argument("--calib-seqlen", type=int, default=None,
+                   help=f"tokens per sensitivity window (default {plan.sensitivity_calib.seqlen})")
+    p.add_argument("--seed", type=int, default=None, help=f"calibration seed (default {calib.seed})")
+    p.add_argument("--skip", default=",".join(DEFAULT_SKIP),
+                   help="comma-separated name patterns kept in full precision")
+    p.add_argument("--out", required=True, help="plan JSON to write")
+    p.add_argument("--plots", default=None, help="folder for PNG plots of the scores and the allocation")
+    _add_common(p)
+
+    e = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a model or a checkpoint")
+    e.add_argument("model", help="hub id, local directory, .gguf file, checkpoint directory, or smollm2-135m")
+    _add_ppl(e)
+    e.add_argument("--tasks", default=None,
+                   help="comma-separated zero-shot tasks (piqa,arc_easy,arc_challenge,boolq,winogrande,hellaswag,"
+                        "lambada_openai,openbookqa,copa) or 'all' for the first eight; default: --ppl wikitext2 only")
+    e.add_argument("--limit", type=int, default=None, help="score only the first N examples of each task")
+    e.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per zero-shot forward batch")
+    e.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="compute dtype (bfloat16 is faster on CPUs with AVX512-BF16 or AMX)")
+    _add_common(e)
+
+    for command, helptext in (("generate", "greedy text from a model or a quantized checkpoint"),
+                              ("bench-speed", "prefill and decode tokens/s and peak memory at batch 1")):
+        r = sub.add_parser(command, help=helptext)
+        r.add_argument("model", help="checkpoint directory, hub id, local directory, .gguf file, or smollm2-135m")
+        if command == "generate":
+            r.add_argument("prompt", help="text to continue")
+            r.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+        else:
+            r.add_argument("--prompt-tokens", type=int, default=512, help="prompt length (WikiText-2 test text)")
+            r.add_argument("--new-tokens", type=int, default=128, help="tokens to decode after the prompt")
+        r.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16",
+                       help="compute dtype (default bfloat16)")
+        r.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
+                       help="quantized layers through the packed CPU kernels (default on)")
+        r.add_argument("--widen", action=argparse.BooleanOptionalAction, default=False,
+                       help="hold 2/3-bit codes as 4-bit codes for PyTorch's int4 kernel (4 bits in memory; default "
+                            "off: they stay at their own width in the C++ kernel)")
+        r.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+        _add_common(r, data=command == "bench-speed")
+    return parser
+
+
+def _print_human(result: dict) -> None:
+    if "bits_per_param" in result:
+        line = f"bits/param {result['bits_per_param']:.4f}"
+        if "quantized_bytes" in result:
+            line += f", quantized linears {result['quantized_bytes'] / 2**20:.2f} MiB"
+        if "seconds" in result:
+            line += f", quantized in {result['seconds']:.1f} s"
+        print(line)
+    if "configs" in result:
+        print(f"plan: {result['method']}{' (exact)' if result['exact'] else ''}, budget "
+              f"{result['budget_bits_per_param']:.4f}, configs {result['configs']}, flagged {result['flagged']}")
+    if "completion" in result:
+        print(result["prompt"] + result["completion"])
+    if "decode_tokens_per_second" in result and "prefill_tokens_per_second" in result:
+        print(f"prefill {result['prefill_tokens_per_second']:.1f} tok/s ({result['prompt_tokens']} tokens), decode "
+              f"{result['decode_tokens_per_second']:.1f} tok/s ({result['new_tokens']} tokens), "
+              f"{result['dtype']}, kernels {result['kernels'] or 'none'}, {result['threads']} threads")
+    if "model_bytes" in result:
+        print(f"model size {result['model_bytes'] / 2**20:.2f} MiB (all stored tensors)")
+    for path in [result.get("plan")] if isinstance(result.get("plan"), str) else []:
+        print(f"plan written to {path}")
+    for path in result.get("plots", []):
+        print(f"plot written to {path}")
+    for name, r in result.get("ppl", {}).items():
+        print(f"{name}: ppl {r['ppl']:.4f} ({r['n_windows']} windows x {r['seqlen']} tokens, {r['seconds']:.1f} s)")
+    for name, r in result.get("tasks", {}).items():
+        line = f"{name}: acc {r['acc']:.4f} +- {r['acc_stderr']:.4f}"
+        if "acc_norm" in r:
+            line += f", acc_norm {r['acc_norm']:.4f} +- {r['acc_norm_stderr']:.4f}"
+        if "ppl" in r:
+            line += f", ppl {r['ppl']:.3f}"
+        print(f"{line} (n={r['n']}, {r['seconds']:.1f} s)")
+    if result.get("out"):
+        print(f"checkpoint written to {result['out']}")
+    print(f"peak RSS {result['peak_rss_mb']:.0f} MiB, wall {result['wall_seconds']:.1f} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .commands import COMMANDS
+
+    args = build_parser().parse_args(argv)
+    start = time.perf_counter()
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    try:
+        result = COMMANDS[args.command](args)
+    except SensiquantError as exc:
+        if args.debug:
+            raise
+        print(f"sensiquant: error: {exc}", file=sys.stderr)
+        return 2
+    from ..runtime.speed import peak_rss_mb
+
+    result["peak_rss_mb"] = peak_rss_mb()
+    result["wall_seconds"] = time.perf_counter() - start
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        _print_human(result)
+    return 0

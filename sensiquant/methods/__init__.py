@@ -1,0 +1,22 @@
+"""Quantization methods, tensor math only: each takes (weight, LayerSpec, statistics, outlier mask) and returns a
+:class:`~sensiquant.format.QuantizedWeight`. ``RoundConfig`` (RTN / HQQ grids), ``GPTQConfig``; outlier selection."""
+
+from .base import (
+           STATISTICS,
+           LayerStats,
+           method_from_dict,
+           method_name,
+           method_to_dict,
+           needed_statistics,
+           quantize_layer,
+)
+from .gptq import GPTQConfig, gptq_quantize
+from .grid import fit_scale_zero
+from .outliers import SALIENCIES, OutlierConfig, saliency_scores, select_outliers, top_mask
+from .round import RoundConfig, quantize_weight
+
+MethodConfig = RoundConfig | GPTQConfig
+
+__all__ = ["SALIENCIES", "STATISTICS", "GPTQConfig", "LayerStats", "MethodConfig", "OutlierConfig", "RoundConfig",
+           "fit_scale_zero", "gptq_quantize", "method_from_dict", "method_name", "method_to_dict", "needed_statistics",
+           "quantize_layer", "quantize_weight", "saliency_scores", "select_outliers", "top_mask"]

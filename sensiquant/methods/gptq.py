@@ -1,0 +1,174 @@
+"""GPTQ (Frantar et al. 2022), written from the paper: quantize columns one at a time, pushing each column's error
+onto the columns not yet quantized through the inverse Hessian of the layer's calibration inputs.
+
+The grid is sensiquant's own: groups of ``spec.group_size`` input columns (shorter tail group included), each
+group's (scale, zero) fitted by :func:`~sensiquant.methods.grid.fit_scale_zero` (RTN or HQQ) and rounded to FP16
+as stored. Weights under an outlier mask are kept exactly and do not take part in the fit nor in error propagation
+(as in SpQR). The result is an ordinary :class:`~sensiquant.format.QuantizedWeight`. Needs the layer's input
+Hessian (``sensiquant.calib``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import SensiquantError
+from ..format import groups
+from ..format.qweight import MIN_SCALE, QuantizedWeight, encode
+from ..format.spec import LayerSpec
+from ..serialize import Config
+from .base import register
+from .grid import fit_scale_zero
+
+
+@dataclass(frozen=True)
+class GPTQConfig(Config):
+    """GPTQ settings. ``act_order`` visits columns by descending Hessian diagonal (static groups); it won where it
+    was measured (BENCHMARKS.md, "GWQ": 3-bit g128 with 1% |g| outliers), hence on by default."""
+
+    damp: float = 0.01  # share of mean(diag H) added to the diagonal
+    block_size: int = 128  # columns per lazy batch update
+    act_order: bool = True
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.damp, int | float) and self.damp >= 0):
+            raise SensiquantError(f"GPTQ dampening must be a non-negative number, got {self.damp!r}")
+        if not isinstance(self.block_size, int) or self.block_size < 1:
+            raise SensiquantError(f"GPTQ block size must be a positive integer, got {self.block_size!r}")
+
+
+def upper_cholesky_of_inverse(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``, in float64 for stability.
+
+    If H is still not positive definite the dampening is raised tenfold, a few times, before giving up.
+    """
+    h = h.double()
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    mean_diag = float(torch.diagonal(h).mean())
+    for attempt in range(4):
+        lower, info = torch.linalg.cholesky_ex(h + damp * 10**attempt * mean_diag * eye)
+        if int(info) == 0:
+            hinv = torch.cholesky_inverse(lower)
+            upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            if int(info) == 0:
+                return upper.float()
+    raise ValueError("GPTQ: the Hessian is not positive definite even with extra dampening")
+
+
+def _quant_dequant(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmax: int) -> torch.Tensor:
+    """Round to the grid and back, as affine.py does: ``(clamp(round(w/s + z), 0, qmax) - z) * s``."""
+    return (torch.round(w / s + z).clamp(0, qmax) - z) * s
+
+
+def gptq_solve(w: torch.Tensor, hessian: torch.Tensor, spec: LayerSpec, outlier_mask: torch.Tensor | None = None,
+               damp: float = 0.01, block_size: int = 128, act_order: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The GPTQ pass itself: returns (w_final, scale, zero).
+
+    ``w_final`` (out, in) holds GPTQ's dequantized values, and at the outlier positions the exact (error-updated)
+    weights to keep in FP16; ``scale`` and ``zero`` (out, n_groups) are FP16-rounded values in float32.
+    """
+    if w.dim() != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
+    out_features, n = w.shape
+    if tuple(hessian.shape) != (n, n):
+        raise ValueError(f"Hessian shape {tuple(hessian.shape)} does not match in_features {n}")
+    if outlier_mask is not None and tuple(outlier_mask.shape) != tuple(w.shape):
+        raise ValueError(f"outlier mask shape {tuple(outlier_mask.shape)} does not match weight {tuple(w.shape)}")
+    if block_size < 1:
+        raise ValueError(f"block size must be positive, got {block_size}")
+
+    device = w.device
+    W = w.detach().float().clone()
+    H = hessian.detach().to(device=device, dtype=torch.float32).clone()
+    mask = (torch.zeros_like(W, dtype=torch.bool) if outlier_mask is None
+            else outlier_mask.to(device=device, dtype=torch.bool))
+    has_mask = bool(mask.any())
+    qmax = 2**spec.bits - 1
+    g = groups.resolve_group_size(spec.group_size, n)
+    n_groups = groups.num_groups(n, spec.group_size)
+    one_group = dataclasses.replace(spec, group_size=None)
+
+    # Dead inputs (never active in calibration): nothing to fit against, so the weight is zeroed (outliers kept).
+    dead = torch.diagonal(H) == 0
+    if bool(dead.any()):
+        H[dead, dead] = 1.0
+        W[:, dead] = torch.where(mask[:, dead], W[:, dead], 0.0)
+
+    scale = torch.zeros(out_features, n_groups, device=device)
+    zero = torch.zeros(out_features, n_groups, device=device)
+
+    def fit(j: int, w_group: torch.Tensor, m_group: torch.Tensor) -> None:
+        """Fit group j's (scale, zero) on ``w_group``, excluding outliers, and round them as they are stored."""
+        s, z = fit_scale_zero(w_group, one_group, ~m_group if has_mask else None)
+        scale[:, j] = s[:, 0].half().float().clamp_min(MIN_SCALE)
+        zero[:, j] = z[:, 0].half().float()
+
+    perm = None
+    if act_order:
+        # Static groups: fit every group up front on the original columns so groups stay contiguous in the
+        # stored layout, then visit columns by descending Hessian diagonal.
+        for j in range(n_groups):
+            fit(j, W[:, j * g:(j + 1) * g], mask[:, j * g:(j + 1) * g])
+        perm = torch.argsort(torch.diagonal(H), descending=True)
+        W, H, mask = W[:, perm], H[perm][:, perm], mask[:, perm]
+        group_of = (perm // g).tolist()
+    else:
+        group_of = [c // g for c in range(n)]
+
+    Hinv = upper_cholesky_of_inverse(H, damp)
+    del H
+    Q = torch.zeros_like(W)
+
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            j = group_of[col]
+            if not act_order and col % g == 0:
+                # First column of a group: fit on the group's current weights. Columns past this block have not
+                # received the block's lazy update yet, so apply the part accumulated so far to them here.
+                end = min(col + g, n)
+                cur = W1[:, i:min(end, i2) - i1]
+                if end > i2:
+                    rest = W[:, i2:end] - Err1[:, :i] @ Hinv[i1:col, i2:end]
+                    cur = torch.cat([cur, rest], dim=1)
+                fit(j, cur, mask[:, col:end])
+            wc = W1[:, i]
+            q = _quant_dequant(wc, scale[:, j], zero[:, j], qmax)
+            if has_mask:
+                q = torch.where(mask[:, col], wc, q)
+            Q[:, col] = q
+            err = (wc - q) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    if perm is not None:
+        Q = Q[:, torch.argsort(perm)]
+    return Q, scale, zero
+
+
+def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, spec: LayerSpec, outlier_mask: torch.Tensor | None = None,
+                  damp: float = 0.01, block_size: int = 128, act_order: bool = False) -> QuantizedWeight:
+    """Quantize an (out, in) weight with GPTQ against ``hessian`` (``sensiquant.calib.accumulate_hessian``).
+
+    ``spec`` sets bits, groups and the grid fit (RTN or HQQ); ``outlier_mask`` marks weights kept in FP16;
+    ``damp`` is the share of mean(diag H) added to the diagonal; ``act_order`` visits columns by descending
+    diag(H) with static groups. The codes are stored against the FP16 scale/zero exactly as ``quantize_weight`` does.
+    """
+    w_final, scale, zero = gptq_solve(w, hessian, spec, outlier_mask, damp, block_size, act_order)
+    mask = None if outlier_mask is None else outlier_mask.to(device=w_final.device, dtype=torch.bool)
+    return encode(w_final, scale, zero, spec, mask)
+
+
+@register(GPTQConfig, "gptq", needs=("hessian",))
+def _gptq(w, spec, config: GPTQConfig, stats, outlier_mask):
+    return gptq_quantize(w, stats.hessian, spec, outlier_mask, damp=config.damp, block_size=config.block_size,
+                         act_order=config.act_order)

@@ -1,3 +1,0 @@
-from .qlinear import QuantLinear
-
-__all__ = ["QuantLinear"]

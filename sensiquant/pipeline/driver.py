@@ -1,0 +1,111 @@
+"""The one driver every quantization runs through (uniform, GPTQ, GWQ, plans): walk the model, gather only the
+statistics the method and the outlier saliency need, pick outliers, quantize layer by layer (block by block on the
+outputs of the quantized blocks when the method needs input statistics) and swap in QuantLinear."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..calib import calibrate_sequentially, calibration_windows, find_block_list, gradient_statistics, input_statistics
+from ..errors import SensiquantError
+from ..methods.base import LayerStats, method_name, needed_statistics, quantize_layer
+from ..methods.outliers import select_outliers
+from ..runtime.qlinear import QuantLinear
+from ..runtime.walk import find_linears, set_module
+from .config import QuantConfig
+from .report import LayerReport, QuantReport
+
+_GRADIENT_STATS = frozenset({"grad_abs_sum", "grad_sq_sum"})
+_INPUT_STATS = frozenset({"hessian", "input_norm"})
+
+
+def check_finite(layers: dict[str, nn.Linear]) -> None:
+    """One clear error naming the first layer whose weight holds NaN or Inf, before any work."""
+    for name, layer in layers.items():
+        bad = int((~torch.isfinite(layer.weight.detach())).sum())
+        if bad:
+            raise SensiquantError(f"layer {name} has {bad} non-finite weight value{'s' if bad > 1 else ''} "
+                                  "(NaN or Inf): the model is broken before quantization")
+
+
+def quantize_model(model: nn.Module, config: QuantConfig, tokenizer=None, progress: bool = True,
+                   calib_batches: list[dict] | None = None) -> QuantReport:
+    """Quantize ``model`` in place as ``config`` says; returns the per-layer report.
+
+    Calibration windows come from ``config.calib`` (needs ``tokenizer``) unless ``calib_batches`` (model input
+    dicts, e.g. with images for a vision-language model) are given; nothing is calibrated when neither the method
+    nor the outlier saliency needs statistics.
+    """
+    start = time.perf_counter()
+    layers = find_linears(model, config.skip)
+    if not layers:
+        raise SensiquantError("no linear layers to quantize (check the skip patterns)")
+    check_finite(layers)
+    specs = {name: config.spec_of(name) for name in layers}
+    ratios = {name: spec.outlier_ratio for name, spec in specs.items()}
+    method_needs = needed_statistics(config.method)
+    outlier_needs = config.outliers.needs if any(r > 0 for r in ratios.values()) else frozenset()
+    needs = method_needs | outlier_needs
+    extra: dict = {}
+
+    windows = calib_batches
+    if windows is None and needs:
+        if tokenizer is None:
+            raise SensiquantError(f"{', '.join(sorted(needs))} need calibration text, and there is no tokenizer")
+        windows = calibration_windows(tokenizer, config.calib)
+    stats: dict[str, dict[str, torch.Tensor]] = {name: {} for name in layers}
+    if needs & _GRADIENT_STATS:
+        grads = gradient_statistics(model, windows, layers, getattr(torch, config.calib.grad_dtype),
+                                    config.calib.checkpointing, progress)
+        for name in layers:
+            stats[name].update(grad_abs_sum=grads.abs_sum[name], grad_sq_sum=grads.sq_sum[name])
+        extra.update(gradient_seconds=grads.seconds, calib_loss=grads.loss)
+
+    # block by block for the method's input statistics; the saliency's always come from the full-precision model
+    blocks = find_block_list(model, list(layers)) if "hessian" in method_needs and config.sequential else None
+    in_blocks = [name for name in layers if blocks is not None and name.startswith(blocks[0] + ".")]
+    one_pass = list(layers) if outlier_needs & _INPUT_STATS else [n for n in layers if n not in in_blocks]
+    if needs & _INPUT_STATS and one_pass:
+        inputs = input_statistics(model, windows, {name: layers[name] for name in one_pass}, progress)
+        for name in one_pass:
+            stats[name].update(hessian=inputs.hessian[name], input_norm=inputs.col_norm[name])
+        extra["input_seconds"] = inputs.seconds
+
+    masks = select_outliers({name: layer.weight.detach() for name, layer in layers.items()}, ratios,
+                            config.outliers, {name: LayerStats(**s) for name, s in stats.items()})
+    report = QuantReport()
+    q_start = time.perf_counter()
+
+    @torch.no_grad()
+    def quantize_one(name: str, layer_stats: LayerStats) -> None:
+        layer = layers[name]
+        try:
+            qweight = quantize_layer(layer.weight.detach().float(), specs[name], config.method, layer_stats,
+                                     masks.get(name))
+        except ValueError as exc:
+            raise SensiquantError(f"{name}: {exc}") from exc
+        bias = None if layer.bias is None else layer.bias.detach().clone()
+        qlinear = QuantLinear.from_quantized(qweight, bias)
+        set_module(model, name, qlinear)
+        report.layers[name] = LayerReport(qweight.shape, specs[name], qlinear.storage_bits(), qlinear.n_outliers)
+        stats.pop(name, None)
+
+    rest = [name for name in layers if name not in in_blocks]
+    for name in tqdm(rest, desc=method_name(config.method), disable=not progress or not rest):
+        quantize_one(name, LayerStats(**stats[name]))
+    if in_blocks:
+        def quantize_block(hessians: dict[str, torch.Tensor]) -> None:
+            for name, h in hessians.items():
+                quantize_one(name, LayerStats(hessian=h))
+
+        calibrate_sequentially(model, blocks[0], blocks[1], windows, in_blocks, quantize_block, progress)
+    report.layers = {name: report.layers[name] for name in layers}  # module order
+    if extra:
+        extra["quantize_seconds"] = time.perf_counter() - q_start
+    report.extra = extra
+    report.seconds = time.perf_counter() - start
+    return report

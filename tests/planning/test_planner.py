@@ -1,0 +1,154 @@
+"""Plans on tiny random models: every method, the budget rules, JSON round trip, apply + save + reload, the CLI."""
+
+import json
+
+import pytest
+import torch
+
+from sensiquant import CalibConfig, SensiquantError, load_quantized
+from sensiquant.cli import main
+from sensiquant.planning import LadderConfig, Plan, PlanConfig, apply_plan, make_plan
+from sensiquant.planning.scoring import layer_sites
+
+LADDER = ["b2g64", "b3g64", "b4g64", "b8g64"]  # a short ladder keeps the error table cheap
+
+
+def _model(n_layers: int, plant: int | None = None):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=n_layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    model = LlamaForCausalLM(config).eval()
+    if plant is not None:
+        with torch.no_grad():  # a few huge weights: heavy tails in one q_proj
+            model.model.layers[plant].self_attn.q_proj.weight[0, :4] = 1.5
+    return model
+
+
+def _config(method, budget=3.5, **kw):
+    calib = CalibConfig(source="text", samples=2, seqlen=64)
+    return PlanConfig(method=method, budget=budget, ladder=tuple(LADDER), sensitivity_calib=calib,
+                      gradient_calib=calib, **kw)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from conftest import byte_tokenizer
+
+    return byte_tokenizer()
+
+
+@pytest.fixture(autouse=True)
+def _text(monkeypatch, text_file):
+    import sensiquant.planning.planner as planning
+
+    real = planning.calibration_windows
+    monkeypatch.setattr(planning, "calibration_windows",
+                        lambda tok, calib: real(tok, calib.replace(source=str(text_file))))
+
+
+def test_sites_group_block_parts():
+    sites = layer_sites(["model.layers.3.self_attn.k_proj", "model.layers.3.mlp.up_proj",
+                         "model.layers.3.mlp.down_proj", "model.layers.3.self_attn.o_proj", "lm_head"])
+    assert sites["model.layers.3.self_attn.k_proj"].part == "attn.qkv"
+    assert sites["model.layers.3.self_attn.k_proj"].block == 3
+    assert sites["model.layers.3.mlp.up_proj"].part == "mlp.gate_up"
+    assert sites["model.layers.3.mlp.down_proj"].part == "mlp.down"
+    assert sites["model.layers.3.self_attn.o_proj"].part == "attn.o"
+    assert sites["lm_head"].block is None
+    two = layer_sites(["visual.blocks.0.attn.qkv", "model.layers.0.self_attn.q_proj"])
+    assert two["visual.blocks.0.attn.qkv"].part != two["model.layers.0.self_attn.q_proj"].part
+
+
+def test_uniform_picks_the_largest_rung_that_fits(tok):
+    model = _model(2)
+    plan = make_plan(model, tok, _config("uniform", 3.5), progress=False)
+    assert {layer.config for layer in plan.layers} == {"b3g64"}
+    assert plan.bits_per_param <= 3.5
+    with pytest.raises(SensiquantError, match="no single rung"):
+        make_plan(model, tok, _config("uniform", 2.1), progress=False)
+
+
+@pytest.mark.parametrize("budget", [2.9, 3.5, 4.4])
+def test_mxq_meets_the_budget_and_beats_uniform_error(tok, budget):
+    model = _model(2)
+    mxq = make_plan(model, tok, _config("mxq", budget), progress=False)
+    assert mxq.total_bits <= budget * mxq.total_params
+    assert len({layer.config for layer in mxq.layers}) >= 2  # budgets between rungs need a mix
+    # each layer's recorded bits are the exact accounting of its config
+    from sensiquant.format import storage_bits
+
+    for layer in mxq.layers:
+        assert layer.bits == storage_bits(layer.shape, layer.spec())
+
+
+def test_kurtboost_flags_the_planted_layer_and_exact_mode_pays_for_it(tok):
+    model = _model(24, plant=13)
+    paper = make_plan(model, tok, _config("kurtboost", 3.3), progress=False)
+    assert [(f["block"], f["part"]) for f in paper.flagged] == [(13, "self_attn.q_proj")]
+    boosted = paper.layer("model.layers.13.self_attn.q_proj")
+    rungs = [LadderConfig.from_name(n) for n in LADDER]
+    assert rungs.index(LadderConfig.from_name(boosted.config)) == min(
+        rungs.index(LadderConfig.from_name(boosted.allocated)) + 2, len(rungs) - 1)
+    assert "kurtosis jump at block 13" in boosted.reason
+    exact = make_plan(model, tok, _config("kurtboost", 3.3, exact=True), progress=False)
+    assert exact.total_bits <= 3.3 * exact.total_params
+    assert exact.layer("model.layers.13.self_attn.q_proj").config == boosted.config
+    assert paper.total_bits >= exact.total_bits
+    flat = make_plan(_model(24), tok, _config("kurtboost", 3.3), progress=False)
+    assert flat.flagged == []
+
+
+def test_sensiboost_profiles_and_plan_json_round_trip(tok, tmp_path):
+    model = _model(3)
+    plan = make_plan(model, tok, _config("sensiboost", 3.3, exact=True), progress=False)
+    profile = plan.profiles["sensitivity"]
+    assert set(profile) == {"attn.qkv", "attn.o", "mlp.gate_up", "mlp.down"}
+    assert all(len(v) == 3 and all(x > 0 for x in v) for v in profile.values())
+    assert all("sensitivity" in layer.scores for layer in plan.layers)
+    path = plan.save(tmp_path / "plan.json")
+    again = Plan.load(path)
+    assert again.to_dict() == plan.to_dict()
+    assert json.loads(path.read_text())["format"] == "sensiquant-plan/2"
+    with pytest.raises(SensiquantError, match="not a sensiquant plan"):
+        Plan.from_dict({"method": "mxq"})
+
+
+def test_exact_mode_with_gwq_outliers_counts_them_in_the_budget(tok, tmp_path):
+    model = _model(2)
+    config = _config("mxq", 3.6, exact=True, outlier_ratios=(0.0, 0.01))
+    plan = make_plan(model, tok, config, progress=False)
+    assert plan.total_bits <= 3.6 * plan.total_params
+    report, quant_config = apply_plan(model, tok, plan, progress=False)
+    assert report.quantized_bits == plan.total_bits  # outliers included, to the bit
+    assert report.n_outliers == sum(round(layer.outlier_ratio * layer.numel) for layer in plan.layers)
+
+
+def test_apply_save_reload_runs(tok, tiny_llama, tmp_path):
+    from sensiquant import quantize_with_plan
+
+    plan_path = tmp_path / "plan.json"
+    assert main(["plan", str(tiny_llama), "--budget", "3.4", "--method", "mxq", "--ladder", ",".join(LADDER),
+                 "--out", str(plan_path), "--quiet", "--plots", str(tmp_path / "plots")]) == 0
+    plan = Plan.load(plan_path)
+    assert (tmp_path / "plots" / "allocation.png").is_file()
+    model, tok2, report, _ = quantize_with_plan(str(tiny_llama), plan, tmp_path / "ckpt", progress=False)
+    assert report.quantized_bits == plan.total_bits
+    assert (tmp_path / "ckpt" / "plan.json").is_file()
+    ids = torch.randint(0, 256, (1, 32))
+    reloaded, _ = load_quantized(tmp_path / "ckpt")
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reloaded(ids).logits)
+    assert main(["quantize", str(tiny_llama), "--plan", str(plan_path), "--quiet"]) == 0
+
+
+def test_bad_input_gives_clear_errors(capsys, tmp_path, tiny_llama):
+    with pytest.raises(SensiquantError, match="unknown plan method"):
+        PlanConfig(method="magic")
+    with pytest.raises(SensiquantError, match="budget-exact"):
+        PlanConfig(method="mxq", outlier_ratios=(0, 0.01))
+    with pytest.raises(SensiquantError, match="bad ladder config"):
+        PlanConfig(ladder=("q4",))
+    assert main(["quantize", str(tiny_llama), "--plan", str(tmp_path / "missing.json"), "--quiet"]) == 2
+    assert "plan file not found" in capsys.readouterr().err
