@@ -19,7 +19,16 @@ import json
 import time
 from pathlib import Path
 
-from bench.common import RESULTS, bench_parser, eval_args, peak_rss_mb, perplexities, run_all, run_child_if_asked
+from bench.common import (
+    RESULTS,
+    bench_parser,
+    eval_args,
+    peak_rss_mb,
+    perplexities,
+    run_all,
+    run_child_if_asked,
+    write_json,
+)
 
 BUDGET_RUNGS = ("b2g32", "b3g128", "b3g64", "b3g32", "b4g128", "b4g64")
 BEST = {"method": "sensiboost", "exact": True, "error_metric": "fisher", "outlier_ratios": (0.0, 0.005, 0.01)}
@@ -75,8 +84,7 @@ def make_plans(plans: Path, out: Path) -> None:
                             "wall_seconds": time.perf_counter() - start, "flagged": plan.summary()["flagged"],
                             "configs": plan.config_counts()})
             print(json.dumps(records[-1]), flush=True)
-            out.write_text(json.dumps({"budgets": budgets, "plans": records, "peak_rss_mb": peak_rss_mb()},
-                                      indent=2))
+            write_json(out, {"budgets": budgets, "plans": records, "peak_rss_mb": peak_rss_mb()})
 
 
 def run_one(spec: dict, max_windows: int, seqlen: int) -> dict:

@@ -11,7 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from sensiquant.runtime.speed import peak_rss_mb  # noqa: F401  (the one peak-RSS measure, re-exported for benches)
+from sensiquant.runtime.speed import peak_rss_mb  # noqa: F401  (the one peak-RSS measure, for the benches)
+from sensiquant.serialize import write_text_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -54,11 +55,8 @@ def run_all(module: str, configs: list[tuple[str, dict | None]], out: str, heade
 
 
 def write_json(path: Path, data: dict) -> None:
-    """Write a results file whole: to a temporary sibling, then renamed over the old one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
+    """Write a results file whole (a temporary sibling renamed over the old one)."""
+    write_text_atomic(path, json.dumps(data, indent=2))
 
 
 def bench_parser(default_out: Path) -> argparse.ArgumentParser:

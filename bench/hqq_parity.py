@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import RESULTS
+from bench.common import RESULTS, write_json
 
 
 def package_dequant(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
@@ -67,7 +67,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         results.append(row)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"model": "smollm2-135m", "rows": results}, indent=2))
+    write_json(Path(args.out), {"model": "smollm2-135m", "rows": results})
 
 
 if __name__ == "__main__":

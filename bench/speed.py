@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import RESULTS, peak_rss_mb, run_json
+from bench.common import RESULTS, peak_rss_mb, run_json, write_json
 
 # name -> (quantize arguments, or None for the original; dtype)
 ROWS: dict[str, tuple[list[str] | None, str]] = {
@@ -115,9 +115,8 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"threads": args.threads, "prompt_tokens": args.prompt_tokens,
-                               "new_tokens": args.new_tokens, "time": time.strftime("%Y-%m-%d %H:%M"),
-                               "rows": rows}, indent=2))
+    write_json(out, {"threads": args.threads, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+                     "time": time.strftime("%Y-%m-%d %H:%M"), "rows": rows})
 
 
 if __name__ == "__main__":

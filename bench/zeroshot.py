@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import RESULTS
+from bench.common import RESULTS, write_json
 
 
 def main() -> None:
@@ -62,7 +62,7 @@ def main() -> None:
         run["tasks"][name] = row
         run["total_seconds"] = sum(r["seconds"] for r in run["tasks"].values())
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(data, indent=1))
+        write_json(path, data)
         print(json.dumps({k: v for k, v in row.items() if k != "per_example"}), flush=True)
 
 

@@ -6,7 +6,7 @@ from .calib import CalibConfig
 from .errors import SensiquantError
 from .eval.zeroshot import evaluate_zeroshot, run_lm_eval
 from .format import HQQParams, LayerSpec
-from .io import load_model, load_quantized, save_quantized
+from .io import load_model, load_quantized, save_quantized, verify_checkpoint
 from .methods import GPTQConfig, OutlierConfig, RoundConfig
 from .pipeline import QuantConfig, QuantReport, gptq, gwq, quantize_model, recipe
 from .planning import Plan, PlanConfig, PlanLayer, apply_plan, make_plan
@@ -44,4 +44,5 @@ __all__ = [
     "recipe",
     "run_lm_eval",
     "save_quantized",
+    "verify_checkpoint",
 ]

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import torch
 
 from .data import load_text
 from .errors import SensiquantError
-from .eval.perplexity import PerplexityResult, perplexity
+from .eval.perplexity import SEQLEN, PerplexityResult, perplexity
 from .format.spec import LayerSpec
 from .io import load_model, save_quantized
 from .methods.gptq import GPTQConfig
@@ -19,6 +20,54 @@ from .planning import Plan, PlanConfig, apply_plan, make_plan
 from .runtime.walk import model_size_bytes
 
 DEFAULT_RECIPE = "hqq"
+
+
+def source_path(model_name: str) -> Path | None:
+    """The local directory a model is read from (a GGUF file's folder), or None for a hub id."""
+    from .io.models import resolve_model
+
+    path = Path(resolve_model(str(model_name))).expanduser()
+    if not path.exists():
+        return None
+    return (path.parent if path.is_file() else path).resolve()
+
+
+def check_out_dir(out_dir: str | os.PathLike, model_name: str | None = None, overwrite: bool = False) -> Path:
+    """Refuse, before any work, an output directory that would destroy the input or other files, or that cannot be
+    written: the model's own directory (or one holding it), a file or a path under a file, a non-empty directory
+    unless ``overwrite``, an unwritable place. Returns the resolved path."""
+    out = Path(out_dir).expanduser().resolve()
+    source = source_path(model_name) if model_name is not None else None
+    if source is not None and (out == source or out in source.parents):
+        raise SensiquantError(f"--out {out_dir} would overwrite the model being read ({source}); choose another "
+                              "directory")
+    if out.exists() and not out.is_dir():
+        raise SensiquantError(f"--out {out_dir} is a file, not a directory")
+    ancestor = out
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise SensiquantError(f"--out {out_dir} lies under {ancestor}, which is a file")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise SensiquantError(f"--out {out_dir} is not empty: pass --overwrite to replace it")
+        if not (out / "sensiquant.json").is_file():
+            raise SensiquantError(f"--out {out_dir} is not a sensiquant checkpoint: refusing to replace its files, "
+                                  "even with --overwrite")
+    try:  # a real write, since permission bits say nothing for root and nothing about read-only mounts
+        fd, probe = tempfile.mkstemp(prefix=".sensiquant-probe-", dir=ancestor)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise SensiquantError(f"--out {out_dir} cannot be written ({ancestor}: {exc.strerror})") from None
+    return out
+
+
+def _not_a_checkpoint(model_name: str) -> None:
+    from .io.models import is_checkpoint
+
+    if is_checkpoint(model_name):
+        raise SensiquantError(f"{model_name} is already a sensiquant checkpoint: quantize the original model")
 
 
 def as_quant_config(config: QuantConfig | LayerSpec | str | None) -> QuantConfig:
@@ -36,11 +85,14 @@ def as_quant_config(config: QuantConfig | LayerSpec | str | None) -> QuantConfig
 
 
 def quantize(model_name: str, config: QuantConfig | LayerSpec | str | None = None, out_dir: str | Path | None = None,
-             progress: bool = True, trust_remote_code: bool = False,
-             calib_batches: list[dict] | None = None) -> tuple[torch.nn.Module, object, QuantReport]:
-    """Load ``model_name``, quantize it as ``config`` says (see :func:`as_quant_config`), optionally save it.
-    Returns (model, tokenizer, report)."""
+             progress: bool = True, trust_remote_code: bool = False, calib_batches: list[dict] | None = None,
+             overwrite: bool = False) -> tuple[torch.nn.Module, object, QuantReport]:
+    """Load ``model_name``, quantize it as ``config`` says (see :func:`as_quant_config`), optionally save it
+    (``out_dir`` is checked before any work, see :func:`check_out_dir`). Returns (model, tokenizer, report)."""
     config = as_quant_config(config)
+    _not_a_checkpoint(model_name)
+    if out_dir is not None:
+        check_out_dir(out_dir, model_name, overwrite)
     model, tokenizer = load_model(model_name, trust_remote_code=trust_remote_code)
     report = quantize_model(model, config, tokenizer, progress, calib_batches)
     if out_dir is not None:
@@ -50,28 +102,31 @@ def quantize(model_name: str, config: QuantConfig | LayerSpec | str | None = Non
 
 def plan(model_name: str, config: PlanConfig, progress: bool = True, trust_remote_code: bool = False) -> Plan:
     """Load ``model_name`` and make a per-layer plan for ``config.budget`` (see :mod:`sensiquant.planning`)."""
+    _not_a_checkpoint(model_name)
     model, tokenizer = load_model(model_name, trust_remote_code=trust_remote_code)
     return make_plan(model, tokenizer, config, progress, model_name=str(model_name))
 
 
 def quantize_with_plan(model_name: str, plan_or_config: Plan | PlanConfig, out_dir: str | Path | None = None,
                        method: RoundConfig | GPTQConfig | None = None, progress: bool = True,
-                       trust_remote_code: bool = False):
+                       trust_remote_code: bool = False, overwrite: bool = False):
     """Load ``model_name``, plan it (when given a PlanConfig) and quantize it as planned, with ``method`` or the
     plan's own; optionally save it (the plan is written next to the checkpoint as plan.json).
     Returns (model, tokenizer, report, plan)."""
+    _not_a_checkpoint(model_name)
+    if out_dir is not None:
+        check_out_dir(out_dir, model_name, overwrite)
     model, tokenizer = load_model(model_name, trust_remote_code=trust_remote_code)
     the_plan = plan_or_config
     if isinstance(plan_or_config, PlanConfig):
         the_plan = make_plan(model, tokenizer, plan_or_config, progress, model_name=str(model_name))
     report, config = apply_plan(model, tokenizer, the_plan, method, progress)
     if out_dir is not None:
-        save_quantized(model, tokenizer, out_dir, config, report)
-        the_plan.save(Path(out_dir) / "plan.json")
+        save_quantized(model, tokenizer, out_dir, config, report, extra_files={"plan.json": the_plan.to_json()})
     return model, tokenizer, report, the_plan
 
 
-def evaluate_perplexity(model, tokenizer, datasets=("wikitext2",), seqlen: int = 2048,
+def evaluate_perplexity(model, tokenizer, datasets=("wikitext2",), seqlen: int = SEQLEN,
                         max_windows: int | None = None, data_dir: str | os.PathLike | None = None,
                         progress: bool = True, texts: dict[str, str] | None = None) -> dict[str, PerplexityResult]:
     """Perplexity on each named set or text file (test split for wikitext2); ``texts`` gives texts already read."""
@@ -111,5 +166,5 @@ def load_for_inference(name_or_path: str, dtype: str = "bfloat16", fast: bool = 
     return model, tokenizer, info
 
 
-__all__ = ["DEFAULT_RECIPE", "DEFAULT_SKIP", "as_quant_config", "evaluate_perplexity", "load_for_inference",
-           "model_size_bytes", "plan", "quantize", "quantize_with_plan"]
+__all__ = ["DEFAULT_RECIPE", "DEFAULT_SKIP", "as_quant_config", "check_out_dir", "evaluate_perplexity",
+           "load_for_inference", "model_size_bytes", "plan", "quantize", "quantize_with_plan"]

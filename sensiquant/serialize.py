@@ -1,10 +1,14 @@
 """Versioned JSON round-trip for typed configs: every config is a frozen dataclass with ``to_dict`` /
-``from_dict``, ``to_json`` / ``from_json``, and a ``version`` written into its dict."""
+``from_dict``, ``to_json`` / ``from_json``, and a ``version`` written into its dict; and the atomic text write
+that every JSON result goes through."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import tempfile
+from pathlib import Path
 from typing import Any, ClassVar
 
 from .errors import SensiquantError
@@ -71,3 +75,20 @@ def _plain(value):
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     return value
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write a text file whole or not at all: a temporary sibling, flushed to disk, renamed over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -33,17 +33,23 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=sorted(alphabet)[0])
 
 
-@pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory):
-    """A 2-layer random LLaMA (tied embeddings, hidden 96 so group 64 leaves a tail) with a byte tokenizer,
-    saved as a Hugging Face model directory."""
+def make_tiny_llama(n_layers: int = 2, hidden_size: int = 96, intermediate_size: int = 200, tied: bool = True,
+                    seed: int = 0):
+    """The one tiny model of the suite: a random LLaMA with a 256-token vocabulary (byte tokenizer), seeded.
+    Defaults: 2 layers, hidden 96 so that group 64 leaves a tail group, tied embeddings."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=256, hidden_size=96, intermediate_size=200, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True)
-    model = LlamaForCausalLM(config).eval()
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=256, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                         num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, tie_word_embeddings=tied)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """:func:`make_tiny_llama` with a byte tokenizer, saved as a Hugging Face model directory."""
+    model = make_tiny_llama()
     path = tmp_path_factory.mktemp("tiny-llama")
     model.save_pretrained(path)
     byte_tokenizer().save_pretrained(path)

@@ -8,6 +8,9 @@ from ..errors import SensiquantError
 _CALIB_FLAGS = {"--calib": "calib", "--calib-samples": "calib_samples", "--calib-seqlen": "calib_seqlen"}
 _OUTLIER_FLAGS = {"--saliency": "saliency", "--outlier-scope": "outlier_scope"}
 _GPTQ_FLAGS = {"--act-order": "act_order"}
+_METHOD_FLAGS = {"--method": "method", "--bits": "bits", "--group-size": "group_size", "--quant-meta": "quant_meta",
+                 "--grid": "grid", "--outlier-ratio": "outlier_ratio", **_OUTLIER_FLAGS, **_GPTQ_FLAGS}
+_PPL_FLAGS = {"--max-windows": "max_windows"}
 
 
 def split(text: str | None) -> list[str]:
@@ -20,11 +23,15 @@ def _given(args, flags: dict[str, str]) -> list[str]:
 
 def quant_config(args):
     """The QuantConfig of a `quantize` command line: the recipe of --method, changed by the flags given."""
+    from ..api import DEFAULT_RECIPE
     from ..calib import CalibConfig
     from ..methods import GPTQConfig, OutlierConfig, needed_statistics
     from ..pipeline import recipe
 
-    base = recipe(args.method)
+    name = args.method or DEFAULT_RECIPE
+    if args.grid is not None and name in ("rtn", "hqq"):
+        raise SensiquantError(f"--grid applies to gptq and gwq; --method {name} is its own grid")
+    base = recipe(name)
     spec_changes = {k: v for k, v in (("bits", args.bits), ("group_size", args.group_size),
                                       ("quant_meta", args.quant_meta), ("grid", args.grid),
                                       ("outlier_ratio", args.outlier_ratio)) if v is not None}
@@ -37,7 +44,7 @@ def quant_config(args):
     method = base.method
     if args.act_order is not None:
         if not isinstance(method, GPTQConfig):
-            raise SensiquantError(f"--act-order applies to GPTQ (--method gptq or gwq), not --method {args.method}")
+            raise SensiquantError(f"--act-order applies to GPTQ (--method gptq or gwq), not --method {name}")
         method = method.replace(act_order=args.act_order)
     config = base.replace(method=method, default=spec, skip=tuple(split(args.skip)), outliers=outliers, calib=calib)
     if spec.outlier_ratio == 0 and _given(args, _OUTLIER_FLAGS):
@@ -78,11 +85,46 @@ def plan_config(args, **overrides):
     return PlanConfig(**{**kwargs, **overrides})
 
 
-def eval_texts(args) -> dict[str, str]:
-    """Read the evaluation texts before any model work, so a missing file fails fast."""
+def eval_texts(args, tokenizer=None) -> dict[str, str]:
+    """Read the evaluation texts before any model work, so a missing file fails fast; with ``tokenizer`` also
+    check that each holds at least one window."""
     from ..data import load_text
+    from ..eval.perplexity import tokenize_windows
 
-    return {name: load_text(name, "test", args.data_dir) for name in split(args.ppl)}
+    if not args.ppl and _given(args, _PPL_FLAGS):
+        raise SensiquantError(f"{_given(args, _PPL_FLAGS)[0]} applies only with --ppl")
+    texts = {name: load_text(name, "test", args.data_dir) for name in split(args.ppl)}
+    for name, text in texts.items():
+        if tokenizer is not None:
+            try:
+                tokenize_windows(tokenizer, text, args.seqlen, args.max_windows)
+            except SensiquantError as exc:
+                raise SensiquantError(f"--ppl {name}: {exc}") from None
+    return texts
+
+
+def preflight(args, calib=None) -> dict[str, str]:
+    """Everything a quantize command can check before loading the model: the output directory, the evaluation
+    texts (at least one window each) and the calibration text; returns the evaluation texts."""
+    from ..api import check_out_dir
+    from ..calib import calibration_windows
+    from ..io import load_tokenizer
+    from ..io.models import is_checkpoint
+
+    if args.overwrite and not args.out:
+        raise SensiquantError("--overwrite applies only with --out")
+    if is_checkpoint(args.model):
+        raise SensiquantError(f"{args.model} is already a sensiquant checkpoint: quantize the original model")
+    if args.out:
+        check_out_dir(args.out, args.model, args.overwrite)
+    tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+    texts = eval_texts(args, tokenizer)
+    if calib is not None:
+        try:
+            calibration_windows(tokenizer, calib)
+        except SensiquantError as exc:
+            raise SensiquantError(f"calibration ({calib.source}): {exc}") from None
+    return texts
 
 
 def _perplexities(model, tokenizer, texts, args) -> dict:
@@ -94,15 +136,19 @@ def _perplexities(model, tokenizer, texts, args) -> dict:
 
 
 def cmd_quantize(args) -> dict:
-    from ..api import model_size_bytes, quantize
+    from ..api import DEFAULT_RECIPE, model_size_bytes, quantize
+    from ..methods import needed_statistics
 
     if args.plan or args.budget is not None:
         return cmd_quantize_planned(args)
     config = quant_config(args)
-    texts = eval_texts(args)
+    outliers = config.outliers.needs if config.default.outlier_ratio > 0 else frozenset()
+    calibrates = bool(needed_statistics(config.method) | outliers)
+    texts = preflight(args, config.calib if calibrates else None)
     model, tokenizer, report = quantize(args.model, config, args.out, progress=not args.quiet,
-                                        trust_remote_code=args.trust_remote_code)
-    return {"model": args.model, "method": args.method, "spec": config.default.to_dict(), **report.summary(),
+                                        trust_remote_code=args.trust_remote_code, overwrite=args.overwrite)
+    return {"model": args.model, "method": args.method or DEFAULT_RECIPE, "spec": config.default.to_dict(),
+            **report.summary(),
             "model_bytes": model_size_bytes(model), "out": args.out,
             "ppl": _perplexities(model, tokenizer, texts, args)}
 
@@ -113,10 +159,15 @@ def cmd_quantize_planned(args) -> dict:
 
     if args.plan and args.budget is not None:
         raise SensiquantError("give either --plan or --budget, not both")
+    flags = _given(args, _METHOD_FLAGS) + (_given(args, {**_CALIB_FLAGS, "--seed": "seed"}) if args.plan else [])
+    if flags:
+        raise SensiquantError(f"{flags[0]} does not apply with {'--plan' if args.plan else '--budget'}: the plan "
+                              "chooses every layer's configuration")
     plan = Plan.load(args.plan) if args.plan else plan_config(args, **BEST_METHOD)
-    texts = eval_texts(args)
+    texts = preflight(args)
     model, tokenizer, report, plan = quantize_with_plan(args.model, plan, args.out, progress=not args.quiet,
-                                                        trust_remote_code=args.trust_remote_code)
+                                                        trust_remote_code=args.trust_remote_code,
+                                                        overwrite=args.overwrite)
     return {"model": args.model, **report.summary(), "model_bytes": model_size_bytes(model), "out": args.out,
             "ppl": _perplexities(model, tokenizer, texts, args)}
 
@@ -126,8 +177,15 @@ def cmd_plan(args) -> dict:
 
     from ..api import plan as make_plan
 
-    plan = make_plan(args.model, plan_config(args), progress=not args.quiet,
-                     trust_remote_code=args.trust_remote_code)
+    out = Path(args.out)
+    if out.is_dir():
+        raise SensiquantError(f"--out {args.out} is a directory; give the plan file's path")
+    config = plan_config(args)
+    if args.plots and not Path(args.plots).is_dir():
+        from ..api import check_out_dir
+
+        check_out_dir(args.plots, args.model)  # a new folder: creatable, not a file, not the model's
+    plan = make_plan(args.model, config, progress=not args.quiet, trust_remote_code=args.trust_remote_code)
     plan.save(args.out)
     result = {"model": args.model, **plan.summary(), "plan": args.out, "seconds": sum(plan.seconds.values())}
     if args.plots:
@@ -143,10 +201,12 @@ def cmd_plan(args) -> dict:
 def cmd_eval(args) -> dict:
     import torch
 
-    from ..eval.zeroshot import evaluate_zeroshot, load_task, resolve_tasks
+    from ..eval.zeroshot import BATCH_TOKENS, evaluate_zeroshot, load_task, resolve_tasks
     from ..io import load_model
     from ..runtime import float32_head, model_size_bytes
 
+    if args.tasks is None and (args.limit is not None or args.batch_tokens is not None):
+        raise SensiquantError(f"{'--limit' if args.limit is not None else '--batch-tokens'} applies only with --tasks")
     if args.ppl is None and args.tasks is None:
         args.ppl = "wikitext2"
     texts = eval_texts(args)
@@ -166,7 +226,7 @@ def cmd_eval(args) -> dict:
     result["ppl"] = _perplexities(model, tokenizer, texts, args)
     if tasks:
         scores = evaluate_zeroshot(model, tokenizer, tasks, limit=args.limit, data_dir=args.data_dir,
-                                   batch_tokens=args.batch_tokens, progress=not args.quiet)
+                                   batch_tokens=args.batch_tokens or BATCH_TOKENS, progress=not args.quiet)
         result["tasks"] = {name: r.to_dict() for name, r in scores.items()}
     return result
 
@@ -204,7 +264,13 @@ def cmd_bench_speed(args) -> dict:
     return {**info, **result.to_dict()}
 
 
+def cmd_verify(args) -> dict:
+    from ..io import verify_checkpoint
+
+    return {"model": args.model, "verified": verify_checkpoint(args.model)}
+
+
 COMMANDS = {"quantize": cmd_quantize, "plan": cmd_plan, "eval": cmd_eval, "generate": cmd_generate,
-            "bench-speed": cmd_bench_speed}
+            "bench-speed": cmd_bench_speed, "verify": cmd_verify}
 
 

@@ -11,6 +11,30 @@ import time
 from ..errors import SensiquantError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the one-line error of every other failure (``sensiquant: error: ...``, exit 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"sensiquant: error: {self.prog}: {message}\n")
+
+
+def _at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+POSITIVE = _at_least(1)
+
+
 def _add_common(p: argparse.ArgumentParser, data: bool = True) -> None:
     if data:
         p.add_argument("--data-dir", default=None, help="folder laid out like shared/data (or $SENSIQUANT_DATA_DIR)")
@@ -21,9 +45,11 @@ def _add_common(p: argparse.ArgumentParser, data: bool = True) -> None:
 
 
 def _add_ppl(p: argparse.ArgumentParser) -> None:
+    from ..eval.perplexity import SEQLEN
+
     p.add_argument("--ppl", default=None, help="comma-separated sets or text files to score (wikitext2, c4, path)")
-    p.add_argument("--seqlen", type=int, default=2048, help="window length in tokens (default 2048)")
-    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    p.add_argument("--seqlen", type=_at_least(2), default=SEQLEN, help=f"window length in tokens (default {SEQLEN})")
+    p.add_argument("--max-windows", type=POSITIVE, default=None, help="evaluate only the first N windows")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from ..api import DEFAULT_RECIPE
     from ..calib import CalibConfig
+    from ..eval.zeroshot import BATCH_TOKENS
     from ..io.models import DEFAULT_MODEL
     from ..methods import SALIENCIES, OutlierConfig
     from ..methods.outliers import SCOPES
@@ -39,14 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     from ..planning.plan import APPLY_METHODS
 
     calib, outliers, plan = CalibConfig(), OutlierConfig(), PlanConfig()
-    parser = argparse.ArgumentParser(prog="sensiquant", description=__doc__.split(".")[0])
+    parser = _Parser(prog="sensiquant", description=__doc__.split(".")[0])
     parser.add_argument("--version", action="version", version=f"sensiquant {sensiquant.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     model_help = f"hub id, local directory, .gguf file, or {DEFAULT_MODEL} (default)"
 
     q = sub.add_parser("quantize", help="quantize a model and write a checkpoint")
     q.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=model_help)
-    q.add_argument("--method", choices=RECIPES, default=DEFAULT_RECIPE,
+    q.add_argument("--method", choices=RECIPES, default=None,
                    help=f"recipe (default {DEFAULT_RECIPE}): rtn/hqq round to nearest on the min-max/HQQ grid; gptq; "
                         "gwq = gptq + gradient-ranked FP16 outliers")
     q.add_argument("--bits", type=int, default=None, help="code width 2, 3, 4 or 8 (default: rtn/hqq 4, gptq/gwq 3)")
@@ -57,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="grid fit of gptq/gwq (default hqq; rtn and hqq name their own)")
     q.add_argument("--skip", default=",".join(DEFAULT_SKIP),
                    help="comma-separated name patterns kept in full precision")
-    q.add_argument("--out", default=None, help="checkpoint directory to write")
+    q.add_argument("--out", default=None, help="checkpoint directory to write (new or empty)")
+    q.add_argument("--overwrite", action="store_true", help="replace the sensiquant checkpoint already at --out")
     q.add_argument("--plan", default=None, help="plan JSON from `sensiquant plan` (per-layer configs)")
     q.add_argument("--budget", type=float, default=None,
                    help="bits/param for all quantized linears: plan with the best method, then quantize")
@@ -67,8 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--outlier-scope", choices=SCOPES, default=None, help=f"default {outliers.scope}")
     g.add_argument("--saliency", choices=SALIENCIES, default=None, help=f"ranking (default {outliers.saliency})")
     g.add_argument("--calib", default=None, help=f"calibration set or text file (default {calib.source})")
-    g.add_argument("--calib-samples", type=int, default=None, help=f"calibration windows (default {calib.samples})")
-    g.add_argument("--calib-seqlen", type=int, default=None, help=f"tokens per window (default {calib.seqlen})")
+    g.add_argument("--calib-samples", type=POSITIVE, default=None, help=f"windows (default {calib.samples})")
+    g.add_argument("--calib-seqlen", type=_at_least(2), default=None,
+                   help=f"tokens per window (default {calib.seqlen})")
     g.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
                    help="GPTQ: process columns by descending Hessian diagonal (default on)")
     g.add_argument("--seed", type=int, default=None, help=f"calibration seed (default {calib.seed})")
@@ -92,9 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-m", type=int, default=None, help=f"flag at most N layers, -1: all (default {plan.top_m})")
     p.add_argument("--ladder", default=None, help="comma-separated rungs, e.g. b2g64,b3g128,b4g64 (default: all)")
     p.add_argument("--calib", default=None, help=f"calibration set or text file (default {calib.source})")
-    p.add_argument("--calib-samples", type=int, default=None,
+    p.add_argument("--calib-samples", type=POSITIVE, default=None,
                    help=f"sensitivity windows (default {plan.sensitivity_calib.samples})")
-    p.add_argument("--calib-seqlen", type=int, default=None,
+    p.add_argument("--calib-seqlen", type=_at_least(2), default=None,
                    help=f"tokens per sensitivity window (default {plan.sensitivity_calib.seqlen})")
     p.add_argument("--seed", type=int, default=None, help=f"calibration seed (default {calib.seed})")
     p.add_argument("--skip", default=",".join(DEFAULT_SKIP),
@@ -109,11 +138,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tasks", default=None,
                    help="comma-separated zero-shot tasks (piqa,arc_easy,arc_challenge,boolq,winogrande,hellaswag,"
                         "lambada_openai,openbookqa,copa) or 'all' for the first eight; default: --ppl wikitext2 only")
-    e.add_argument("--limit", type=int, default=None, help="score only the first N examples of each task")
-    e.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per zero-shot forward batch")
+    e.add_argument("--limit", type=POSITIVE, default=None, help="score only the first N examples of each task")
+    e.add_argument("--batch-tokens", type=POSITIVE, default=None,
+                   help=f"padded tokens per zero-shot forward batch (default {BATCH_TOKENS})")
     e.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="compute dtype (bfloat16 is faster on CPUs with AVX512-BF16 or AMX)")
     _add_common(e)
+
+    v = sub.add_parser("verify", help="check a checkpoint whole: structure against the accounting, and the checksum")
+    v.add_argument("model", help="checkpoint directory")
+    v.add_argument("--json", action="store_true", help="print the result as JSON")
+    v.add_argument("--quiet", action="store_true", help="no progress bars")
+    v.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
     for command, helptext in (("generate", "greedy text from a model or a quantized checkpoint"),
                               ("bench-speed", "prefill and decode tokens/s and peak memory at batch 1")):
@@ -121,10 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
         r.add_argument("model", help="checkpoint directory, hub id, local directory, .gguf file, or smollm2-135m")
         if command == "generate":
             r.add_argument("prompt", help="text to continue")
-            r.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+            r.add_argument("--max-new-tokens", type=_at_least(2), default=64, help="tokens to generate (default 64)")
         else:
-            r.add_argument("--prompt-tokens", type=int, default=512, help="prompt length (WikiText-2 test text)")
-            r.add_argument("--new-tokens", type=int, default=128, help="tokens to decode after the prompt")
+            r.add_argument("--prompt-tokens", type=POSITIVE, default=512, help="prompt length (WikiText-2 test text)")
+            r.add_argument("--new-tokens", type=_at_least(2), default=128, help="tokens to decode after the prompt")
         r.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16",
                        help="compute dtype (default bfloat16)")
         r.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
@@ -132,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         r.add_argument("--widen", action=argparse.BooleanOptionalAction, default=False,
                        help="hold 2/3-bit codes as 4-bit codes for PyTorch's int4 kernel (4 bits in memory; default "
                             "off: they stay at their own width in the C++ kernel)")
-        r.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+        r.add_argument("--threads", type=POSITIVE, default=None, help="torch threads (default: all cores)")
         _add_common(r, data=command == "bench-speed")
     return parser
 
@@ -171,13 +207,31 @@ def _print_human(result: dict) -> None:
         print(f"{line} (n={r['n']}, {r['seconds']:.1f} s)")
     if result.get("out"):
         print(f"checkpoint written to {result['out']}")
+    if "verified" in result:
+        v = result["verified"]
+        checksum = "sha256 ok" if v.get("sha256_ok") else v.get("checksum", "no checksum")
+        print(f"{result['model']}: verified (format {v['format_version']}): {v['layers']} quantized layers, "
+              f"{v['tensors']} tensors, {v['bytes']} bytes, {checksum}")
     print(f"peak RSS {result['peak_rss_mb']:.0f} MiB, wall {result['wall_seconds']:.1f} s")
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, SensiquantError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f" {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror}{':' if where else ''}{where}"
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return f"{type(exc).__name__}: {text[:500]} (run with --debug for the traceback)"
 
 
 def main(argv: list[str] | None = None) -> int:
     from .commands import COMMANDS
 
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # a usage error (one line, see _Parser.error), --help or --version
+        return exc.code if isinstance(exc.code, int) else 2
     start = time.perf_counter()
     if args.quiet:
         from transformers.utils import logging as hf_logging
@@ -186,10 +240,13 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.set_verbosity_error()
     try:
         result = COMMANDS[args.command](args)
-    except SensiquantError as exc:
+    except KeyboardInterrupt:
+        print("sensiquant: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # the outermost boundary: every failure becomes one line (--debug: the traceback)
         if args.debug:
             raise
-        print(f"sensiquant: error: {exc}", file=sys.stderr)
+        print(f"sensiquant: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     from ..runtime.speed import peak_rss_mb
 

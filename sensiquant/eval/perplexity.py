@@ -13,6 +13,8 @@ from tqdm.auto import tqdm
 
 from ..errors import SensiquantError
 
+SEQLEN = 2048  # the GPTQ protocol's window length
+
 
 @dataclass
 class PerplexityResult:
@@ -59,11 +61,11 @@ def perplexity_of_windows(model, windows: torch.Tensor, progress: bool = True, d
     start = time.perf_counter()
     total_nll, count = nll_of_windows(model, windows, progress, desc)
     nll = total_nll / count
-    return PerplexityResult(math.exp(nll), nll, windows.shape[0], windows.shape[1], count,
+    return PerplexityResult(math.exp(nll) if nll < 700 else math.inf, nll, windows.shape[0], windows.shape[1], count,
                             time.perf_counter() - start)
 
 
-def perplexity(model, tokenizer, text: str, seqlen: int = 2048, max_windows: int | None = None,
+def perplexity(model, tokenizer, text: str, seqlen: int = SEQLEN, max_windows: int | None = None,
                progress: bool = True, desc: str = "ppl") -> PerplexityResult:
     """Perplexity of ``model`` on ``text``."""
     return perplexity_of_windows(model, tokenize_windows(tokenizer, text, seqlen, max_windows), progress, desc)

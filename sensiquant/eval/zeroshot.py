@@ -56,6 +56,7 @@ TASKS: dict[str, TaskSpec] = {
 }
 DEFAULT_TASKS = ("piqa", "arc_easy", "arc_challenge", "boolq", "winogrande", "hellaswag", "lambada_openai",
                  "openbookqa")
+BATCH_TOKENS = 4096  # padded tokens per forward batch
 ALIASES = {"lambada": "lambada_openai", "openbook_qa": "openbookqa", "arc_e": "arc_easy", "arc_c": "arc_challenge"}
 
 
@@ -179,8 +180,8 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
 
 @torch.inference_mode()
 def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], max_length: int | None = None,
-                   batch_tokens: int = 4096, progress: bool = True, desc: str = "loglik", share_context: bool = True
-                   ) -> list[tuple[float, bool]]:
+                   batch_tokens: int = BATCH_TOKENS, progress: bool = True, desc: str = "loglik",
+                   share_context: bool = True) -> list[tuple[float, bool]]:
     """(sum of log P(continuation tokens | context), whether every continuation token is the argmax) per request.
 
     Requests that share a context (the choices of one question) run as one sequence when ``share_context``: the
@@ -319,7 +320,7 @@ def _argmax(values: list[float]) -> int:
 
 
 def evaluate_zeroshot(model, tokenizer, tasks: str | list[str] = "all", limit: int | None = None,
-                      data_dir: str | Path | None = None, batch_tokens: int = 4096, progress: bool = True
+                      data_dir: str | Path | None = None, batch_tokens: int = BATCH_TOKENS, progress: bool = True
                       ) -> dict[str, TaskResult]:
     """Zero-shot accuracy of ``model`` on local task files; ``limit`` scores the first N examples of each task."""
     names = resolve_tasks(tasks)

@@ -65,7 +65,9 @@ def _encode_meta(x: torch.Tensor, spec: LayerSpec) -> dict[str, torch.Tensor]:
     pieces = groups.split_groups(flat, spec.meta_group_size)
     lo = torch.cat([p.amin(-1) for p in pieces], dim=1)
     hi = torch.cat([p.amax(-1) for p in pieces], dim=1)
-    s = ((hi - lo) / 255.0).clamp_min(MIN_SCALE).to(torch.float16)
+    # the floor keeps |zero| = |lo| / s <= 32768 (finite in FP16) when a meta group is (nearly) constant
+    s = torch.maximum((hi - lo) / 255.0, torch.maximum(lo.abs(), hi.abs()) / 32768).clamp_min(MIN_SCALE)
+    s = s.to(torch.float16)
     z = (-lo / s.float()).to(torch.float16)
     codes = groups.merge_groups(
         [torch.round(p / ps + pz).clamp(0, 255) for p, ps, pz in zip(pieces, *_split2(s, z, pieces))]

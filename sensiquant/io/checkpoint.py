@@ -1,89 +1,580 @@
-"""Quantized checkpoints: a directory of safetensors + JSON, loaded back without re-quantizing.
+"""Quantized checkpoints: a directory of safetensors + JSON, written atomically, checked whenever it is loaded.
 
 Layout::
 
-    config.json, tokenizer files     the Hugging Face model config and tokenizer
+    config.json, tokenizer files      the Hugging Face model config (marked with a ``quantization_config``) and
+                                      tokenizer
     model.safetensors                 non-quantized parameters + every QuantLinear's stored tensors
-    sensiquant.json                   format version, the QuantConfig, and the per-layer plan (spec, shape, bits)
+    sensiquant.json                   the manifest: format version, the QuantConfig, the per-layer record (shape,
+                                      spec, stored bits), every stored tensor (dtype, shape, bytes), the sha256 of
+                                      every file, and a checksum of itself
+    plan.json, ...                    extra files the caller asked for (their sha256 are in the manifest too)
+
+Writing (:func:`save_quantized`): everything goes into a hidden temporary sibling of the target directory, is
+flushed to disk, checked as a load would check it, and only then put in place, by one atomic rename or, over an
+existing checkpoint, one atomic exchange (``renameat2(RENAME_EXCHANGE)``). The previous checkpoint stays complete
+until the new one is; a save killed half-way leaves at most a hidden sibling, which the next save there removes.
+
+Loading (:func:`load_quantized`) always checks, without reading the weights: the manifest's schema and checksum;
+that the safetensors header lists exactly the tensors of the manifest; that every quantized layer stores exactly the
+tensors its spec and shape require (packed code bytes, scale/zero shapes or 8-bit metadata sizes, outlier CSR
+lengths) and the bits the accounting gives; that the weights file and the small files (config, tokenizer) are the
+ones this manifest was written with; that every tensor fits the model. ``verify=True`` (and
+:func:`verify_checkpoint`) also hashes the weights. Any mismatch is one :class:`SensiquantError`.
+
+Format 1 (before checksums) still loads: the structure checks apply, there is nothing to hash.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
+from torch import nn
 
 from ..errors import SensiquantError
+from ..format.accounting import storage_bits
+from ..format.groups import num_groups
+from ..format.packing import packed_nbytes
+from ..format.qweight import index_dtype
+from ..format.spec import LayerSpec
 from ..pipeline.config import QuantConfig
 from ..pipeline.report import LayerReport, QuantReport
 from ..runtime.qlinear import QuantLinear
 from ..runtime.walk import set_module, unique_state
-from .safetensors import mmap_safetensors
+from .atomic import replacing_directory
+from .safetensors import (
+    DTYPE_NAMES,
+    SafetensorsHeader,
+    TensorInfo,
+    dtype_name,
+    mmap_safetensors,
+    parse_json,
+    read_json_file,
+    read_safetensors_header,
+    torch_dtype,
+)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 MANIFEST = "sensiquant.json"
 WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+PRODUCER = "sensiquant"
+# Written into config.json as its ``quantization_config``. It deliberately has no ``quant_method``: transformers
+# skips a quantization config whose quant_method it does not know (with a warning) and then builds the packed
+# layers as random nn.Linear weights, but refuses one without a quant_method (ValueError), which is what a
+# checkpoint that only sensiquant can load needs.
+QUANTIZATION_MARKER = {"format": "sensiquant", "format_version": FORMAT_VERSION, "manifest": MANIFEST,
+                       "load_with": "sensiquant.load_quantized"}
+BINDING_KEY = "sensiquant_manifest_sha256"  # in the safetensors metadata: ties the weights to their manifest
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_FLOATS = ("F16", "BF16", "F32", "F64")
+_RESERVED = (WEIGHTS, MANIFEST, CONFIG)
 
 
-def save_quantized(model, tokenizer, out_dir: str | Path, config: QuantConfig, report: QuantReport) -> Path:
-    """Write the checkpoint; files are written under a temporary name first so a failure leaves nothing half-done."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {name: value.detach().contiguous().cpu() for name, value in unique_state(model).items()}
-    manifest = {
+# ----------------------------------------------------------------------------------------------------------- saving
+
+
+def save_quantized(model, tokenizer, out_dir: str | Path, config: QuantConfig, report: QuantReport,
+                   extra_files: dict[str, str] | None = None) -> Path:
+    """Write the checkpoint of a quantized ``model`` to ``out_dir``, whole or not at all; returns its path.
+
+    ``out_dir`` may not exist yet, be empty, or hold a sensiquant checkpoint (which is replaced; whether that is
+    allowed is the caller's decision). Anything else is refused. ``extra_files`` are text files written beside the
+    checkpoint (e.g. ``{"plan.json": plan.to_json()}``) and covered by its checksums.
+    """
+    out = Path(os.path.realpath(os.fspath(out_dir)))
+    _check_replaceable(out)
+    extra = _check_extra_files(extra_files or {})
+    ancestor = out.parent
+    while not os.path.lexists(ancestor):
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise SensiquantError(f"cannot write the checkpoint to {out}: {ancestor} is a file")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SensiquantError(f"cannot create the parent directory of {out}: {exc.strerror}") from None
+    try:
+        with replacing_directory(out) as tmp:
+            _write_checkpoint(tmp, model, tokenizer, config, report, extra)
+    except (OSError, SafetensorError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise SensiquantError(f"could not write the checkpoint {out}: {reason}") from None
+    return out
+
+
+def _check_replaceable(out: Path) -> None:
+    if not os.path.lexists(out):
+        return
+    if not out.is_dir():
+        raise SensiquantError(f"cannot write the checkpoint to {out}: it is a file, not a directory")
+    try:
+        entries = os.listdir(out)
+    except OSError as exc:
+        raise SensiquantError(f"cannot read {out}: {exc.strerror}") from None
+    if entries and not (out / MANIFEST).is_file():
+        raise SensiquantError(f"refusing to replace {out}: it is not empty and not a sensiquant checkpoint "
+                              f"(no {MANIFEST})")
+
+
+def _check_extra_files(extra: dict[str, str]) -> dict[str, str]:
+    for name, text in extra.items():
+        if not isinstance(name, str) or not name or name != Path(name).name or name.startswith(".") \
+                or name in _RESERVED:
+            raise SensiquantError(f"extra checkpoint file {name!r}: must be a plain file name other than "
+                                  f"{', '.join(_RESERVED)}")
+        if not isinstance(text, str):
+            raise SensiquantError(f"extra checkpoint file {name}: expected text, got {type(text).__name__}")
+    return dict(extra)
+
+
+def _sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _checked_sha256(path: Path) -> str:
+    """The sha256 of a checkpoint file being checked: an unreadable file is one SensiquantError."""
+    try:
+        return _sha256_file(path)
+    except OSError as exc:
+        raise SensiquantError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def _canonical_sha256(obj) -> str:
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _binding_digest(manifest: dict) -> str:
+    """What the weights file records of its manifest: everything but the parts that describe the weights file."""
+    return _canonical_sha256({k: v for k, v in manifest.items()
+                              if k not in ("tensors", "weights_sha256", "manifest_sha256")})
+
+
+def _manifest_digest(manifest: dict) -> str:
+    return _canonical_sha256({k: v for k, v in manifest.items() if k != "manifest_sha256"})
+
+
+def _file_records(root: Path, names: list[str]) -> dict[str, dict]:
+    return {name: {"sha256": _sha256_file(root / name), "nbytes": (root / name).stat().st_size} for name in names}
+
+
+def _relative_files(root: Path) -> list[str]:
+    out = []
+    for dirpath, _, filenames in os.walk(root):
+        for filename in filenames:
+            out.append((Path(dirpath) / filename).relative_to(root).as_posix())
+    return sorted(out)
+
+
+def _write_checkpoint(tmp: Path, model, tokenizer, config: QuantConfig, report: QuantReport,
+                      extra: dict[str, str]) -> None:
+    model.config.save_pretrained(tmp)  # as transformers writes it (custom code of remote-code configs included)
+    hf_config = parse_json((tmp / CONFIG).read_bytes(), str(tmp / CONFIG))
+    hf_config["quantization_config"] = dict(QUANTIZATION_MARKER)
+    (tmp / CONFIG).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    for name in extra:
+        if (tmp / name).exists():
+            raise SensiquantError(f"extra checkpoint file {name} clashes with a file of the tokenizer")
+    for name, text in extra.items():
+        (tmp / name).write_text(text)
+    model_files = [name for name in _relative_files(tmp) if name not in extra]
+    core = {
         "format_version": FORMAT_VERSION,
         "config": config.to_dict(),
         "summary": report.summary(),
         "layers": {name: r.to_dict() for name, r in report.layers.items()},
+        "files": _file_records(tmp, model_files),
+        "extra_files": _file_records(tmp, sorted(extra)),
     }
-    tmp = out / (WEIGHTS + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt", "producer": "sensiquant"})
-    tmp.replace(out / WEIGHTS)
-    model.config.save_pretrained(out)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    core = json.loads(json.dumps(core))  # exactly what a reader will see (tuples -> lists, ...)
+    tensors = {name: value.detach().contiguous().cpu() for name, value in unique_state(model).items()}
+    metadata = {"format": "pt", "producer": PRODUCER, "sensiquant_format_version": str(FORMAT_VERSION),
+                BINDING_KEY: _binding_digest(core)}
+    save_file(tensors, str(tmp / WEIGHTS), metadata=metadata)
+    header = read_safetensors_header(tmp / WEIGHTS)
+    manifest = {**core,
+                "tensors": {name: {"dtype": info.dtype, "shape": list(info.shape), "nbytes": info.nbytes}
+                            for name, info in header.tensors.items()},
+                "weights_sha256": _sha256_file(tmp / WEIGHTS)}
+    manifest["manifest_sha256"] = _manifest_digest(manifest)
+    # the writer's own check: what a load will check, before anything is put in place
+    layers = _check_manifest(manifest, tmp / MANIFEST)
+    _check_structure(manifest, header)
+    _check_summary(manifest["summary"], layers, tmp / MANIFEST)
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------- checking
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise SensiquantError(message)
+
+
+def _check_shape(value, what: str, rank: int | None = None, positive: bool = False) -> tuple[int, ...]:
+    _require(isinstance(value, list) and all(_is_int(d) and (d > 0 if positive else d >= 0) for d in value)
+             and (rank is None or len(value) == rank),
+             f"{what}: shape {value!r} is not a list of {rank or 'any number of'} "
+             f"{'positive' if positive else 'non-negative'} integers")
+    return tuple(value)
+
+
+def _check_file_records(records, what: str) -> None:
+    _require(isinstance(records, dict), f"{what} must be a JSON object")
+    for name, record in records.items():
+        _require(name and not name.startswith("/") and ".." not in Path(name).parts and name not in (WEIGHTS, MANIFEST),
+                 f"{what}: bad file name {name!r}")
+        _require(isinstance(record, dict) and isinstance(record.get("sha256"), str)
+                 and bool(_SHA256.match(record["sha256"])) and _is_int(record.get("nbytes"))
+                 and record["nbytes"] >= 0, f"{what}: bad entry for {name!r}")
+
+
+def _layer_reports(layers: dict, where: Path) -> dict[str, LayerReport]:
+    out = {}
+    for name, entry in layers.items():
+        what = f"{where}: layer {name}"
+        _require(isinstance(entry, dict), f"{what} is not a JSON object")
+        shape = _check_shape(entry.get("shape"), what, rank=2, positive=True)
+        _require("spec" in entry, f"{what} has no spec")
+        try:
+            spec = LayerSpec.from_dict(entry["spec"])
+        except SensiquantError as exc:
+            raise SensiquantError(f"{what}: {exc}") from None
+        bits, n_outliers = entry.get("bits"), entry.get("n_outliers", 0)
+        _require(_is_int(bits) and bits >= 0, f"{what}: bits {bits!r} is not a non-negative integer")
+        _require(_is_int(n_outliers) and 0 <= n_outliers <= shape[0] * shape[1],
+                 f"{what}: n_outliers {n_outliers!r} is not an integer in [0, {shape[0] * shape[1]}]")
+        expected = storage_bits(shape, spec, n_outliers)
+        _require(bits == expected, f"{what}: the manifest says {bits} stored bits, but a {shape[0]}x{shape[1]} matrix "
+                                   f"at {spec.bits} bits, group size {spec.group_size}, with {n_outliers} outliers "
+                                   f"stores {expected}")
+        out[name] = LayerReport(shape, spec, bits, n_outliers)
     return out
 
 
+def _check_summary(summary: dict, layers: dict[str, LayerReport], where: Path) -> None:
+    report = QuantReport(layers)
+    derived = {"n_layers": len(layers), "quantized_params": report.quantized_params,
+               "quantized_bytes": report.quantized_bits / 8, "bits_per_param": report.bits_per_param,
+               "n_outliers": report.n_outliers}
+    for key, value in derived.items():
+        if key in summary:
+            stored = summary[key]
+            _require(_is_number(stored) and math.isclose(stored, value, rel_tol=1e-12, abs_tol=1e-12),
+                     f"{where}: summary {key} is {stored!r}, but its layers give {value!r}")
+    _require(_is_number(summary.get("seconds", 0.0)), f"{where}: summary seconds is not a number")
+
+
+def _check_manifest(manifest, where: Path) -> dict[str, LayerReport]:
+    """The manifest's schema, and the per-layer bits against the accounting; returns the layer records. (The
+    summary is checked apart, after the tensors: its message is the less specific one.)"""
+    _require(isinstance(manifest, dict), f"{where} is not a JSON object")
+    version = manifest.get("format_version")
+    _require(_is_int(version) and version in READABLE_FORMATS,
+             f"unsupported checkpoint format {version!r} in {where} (this sensiquant reads "
+             f"{', '.join(map(str, READABLE_FORMATS))})")
+    for key in ("config", "summary", "layers"):
+        _require(isinstance(manifest.get(key), dict), f"{where}: {key!r} is missing or not a JSON object")
+    if version >= 2:
+        for key in ("tensors", "files", "extra_files"):
+            _require(isinstance(manifest.get(key), dict), f"{where}: {key!r} is missing or not a JSON object")
+        for key in ("weights_sha256", "manifest_sha256"):
+            value = manifest.get(key)
+            _require(isinstance(value, str) and bool(_SHA256.match(value)), f"{where}: {key!r} is not a sha256")
+        for name, entry in manifest["tensors"].items():
+            what = f"{where}: tensor {name!r}"
+            _require(isinstance(entry, dict), f"{what} is not a JSON object")
+            dtype = entry.get("dtype")
+            _require(isinstance(dtype, str) and dtype in DTYPE_NAMES.values(), f"{what}: unknown dtype {dtype!r}")
+            shape = _check_shape(entry.get("shape"), what)
+            nbytes = entry.get("nbytes")
+            _require(_is_int(nbytes) and nbytes == math.prod(shape) * torch_dtype(dtype).itemsize,
+                     f"{what}: nbytes {nbytes!r} does not match {dtype} x {list(shape)}")
+        _check_file_records(manifest["files"], f"{where}: files")
+        _check_file_records(manifest["extra_files"], f"{where}: extra_files")
+    return _layer_reports(manifest["layers"], where)
+
+
+def expected_layer_tensors(shape: tuple[int, int], spec: LayerSpec, n_outliers: int) -> dict[str, tuple]:
+    """The (dtype, shape) of every tensor a quantized layer stores (bias aside), from its spec and shape alone."""
+    out_features, in_features = shape
+    numel = out_features * in_features
+    n_groups = num_groups(in_features, spec.group_size)
+    tensors = {"qweight": ("U8", (packed_nbytes(numel, spec.bits),))}
+    for kind in ("scale", "zero"):
+        if spec.quant_meta:
+            n_meta = out_features * n_groups
+            n_meta_groups = num_groups(n_meta, spec.meta_group_size)
+            tensors[kind + "_q"] = ("U8", (packed_nbytes(n_meta, 8),))
+            tensors[kind + "_qscale"] = ("F16", (n_meta_groups,))
+            tensors[kind + "_qzero"] = ("F16", (n_meta_groups,))
+        else:
+            tensors[kind] = ("F16", (out_features, n_groups))
+    if n_outliers:
+        tensors["outlier_values"] = ("F16", (n_outliers,))
+        tensors["outlier_col_idx"] = (dtype_name(index_dtype(in_features - 1)), (n_outliers,))
+        tensors["outlier_row_ptr"] = (dtype_name(index_dtype(n_outliers)), (out_features + 1,))
+    return tensors
+
+
+def _describe(info: tuple) -> str:
+    return f"{info[0]} {list(info[1])}"
+
+
+def _check_structure(manifest: dict, header: SafetensorsHeader) -> None:
+    """The weights file against the manifest: the tensor list (format 2), and every quantized layer's tensors
+    against what its spec and shape require."""
+    where = header.path
+    if manifest["format_version"] >= 2:
+        listed = manifest["tensors"]
+        stored = header.tensors
+        missing = sorted(set(listed) - set(stored))
+        extra = sorted(set(stored) - set(listed))
+        _require(not missing, f"{where} lacks tensors its manifest lists: {', '.join(missing[:5])}")
+        _require(not extra, f"{where} holds tensors its manifest does not list: {', '.join(extra[:5])}")
+        for name, entry in listed.items():
+            info = stored[name]
+            _require(info.dtype == entry["dtype"] and list(info.shape) == entry["shape"]
+                     and info.nbytes == entry["nbytes"],
+                     f"{where}: tensor {name} is {info.dtype} {list(info.shape)} ({info.nbytes} bytes), the manifest "
+                     f"says {entry['dtype']} {entry['shape']} ({entry['nbytes']} bytes)")
+    groups: dict[str, dict[str, TensorInfo]] = {}
+    for name, info in header.tensors.items():
+        module, _, leaf = name.rpartition(".")
+        groups.setdefault(module, {})[leaf] = info
+    layers = manifest["layers"]
+    for module, leaves in groups.items():
+        _require("qweight" not in leaves or module in layers,
+                 f"{where}: {module}.qweight is a quantized tensor of no layer in the manifest")
+    for name, entry in layers.items():
+        shape, spec = tuple(entry["shape"]), LayerSpec.from_dict(entry["spec"])
+        n_outliers = entry.get("n_outliers", 0)
+        expected = expected_layer_tensors(shape, spec, n_outliers)
+        stored = dict(groups.get(name, {}))
+        bias = stored.pop("bias", None)
+        what = f"layer {name} ({spec.bits}-bit, group size {spec.group_size}, {shape[0]}x{shape[1]})"
+        for leaf, want in expected.items():
+            info = stored.get(leaf)
+            _require(info is not None, f"{where}: {what} has no {leaf} tensor")
+            have = (info.dtype, info.shape)
+            _require(have == want, f"{where}: {what}: {leaf} is {_describe(have)}, its spec and shape need "
+                                   f"{_describe(want)}")
+        unexpected = sorted(set(stored) - set(expected))
+        _require(not unexpected, f"{where}: {what} stores tensors its spec does not have: {', '.join(unexpected)}")
+        if bias is not None:
+            _require(bias.dtype in _FLOATS and bias.shape == (shape[0],),
+                     f"{where}: {what}: bias is {bias.dtype} {list(bias.shape)}, expected a float [{shape[0]}]")
+
+
+def _check_files(path: Path, records: dict[str, dict], what: str) -> None:
+    for name, record in records.items():
+        file = path / name
+        _require(file.is_file(), f"{path}: {name} is missing ({what} of this checkpoint)")
+        _require(file.stat().st_size == record["nbytes"] and _checked_sha256(file) == record["sha256"],
+                 f"{file} is not the file this checkpoint was saved with (sha256 mismatch): it was changed, "
+                 "damaged or comes from another checkpoint")
+
+
+@dataclass
+class _Checked:
+    """What the cheap checks established about a checkpoint directory."""
+
+    path: Path
+    manifest: dict
+    layers: dict[str, LayerReport]
+    header: SafetensorsHeader
+
+    @property
+    def format_version(self) -> int:
+        return self.manifest["format_version"]
+
+
+def _read_manifest_unchecked(path: Path) -> tuple[dict, dict[str, LayerReport]]:
+    _require(path.is_dir(), f"checkpoint not found: {path} is not a directory")
+    file = path / MANIFEST
+    _require(file.is_file(), f"not a sensiquant checkpoint (no {MANIFEST}): {path}")
+    manifest = read_json_file(file)
+    return manifest, _check_manifest(manifest, file)
+
+
+def _check_manifest_digest(manifest: dict, path: Path) -> None:
+    if manifest["format_version"] >= 2:
+        _require(_manifest_digest(manifest) == manifest["manifest_sha256"],
+                 f"{path / MANIFEST} does not match its own checksum: it was edited or is damaged")
+
+
 def read_manifest(path: str | Path) -> dict:
-    file = Path(path) / MANIFEST
-    if not file.is_file():
-        raise SensiquantError(f"not a sensiquant checkpoint (no {MANIFEST}): {path}")
-    manifest = json.loads(file.read_text())
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise SensiquantError(f"unsupported checkpoint format {manifest.get('format_version')!r} in {path}")
+    """The manifest (``sensiquant.json``) of a checkpoint directory, its schema, accounting and checksum checked."""
+    path = Path(path)
+    manifest, layers = _read_manifest_unchecked(path)
+    _check_summary(manifest["summary"], layers, path / MANIFEST)
+    _check_manifest_digest(manifest, path)
     return manifest
 
 
-def load_quantized(path: str | Path, trust_remote_code: bool = False):
-    """(model, tokenizer) from a checkpoint directory, QuantLinear layers restored from their stored tensors."""
+def _inspect(path: Path) -> _Checked:
+    """Every check that reads no tensor data: see the module docstring."""
+    manifest, layers = _read_manifest_unchecked(path)
+    header = read_safetensors_header(path / WEIGHTS)
+    _check_structure(manifest, header)
+    _check_summary(manifest["summary"], layers, path / MANIFEST)
+    _check_manifest_digest(manifest, path)
+    binding = header.metadata.get(BINDING_KEY)
+    if manifest["format_version"] >= 2:
+        _require(binding == _binding_digest(manifest),
+                 f"{path / WEIGHTS} does not belong to {path / MANIFEST} (the weights were written with another "
+                 "manifest): the checkpoint is a mix of two saves or was damaged")
+        _check_files(path, manifest["files"], "a model file")
+    else:
+        _require(binding is None, f"{path / WEIGHTS} was written with a newer manifest than {path / MANIFEST}")
+        _require((path / CONFIG).is_file(), f"{path}: {CONFIG} is missing")
+    return _Checked(path, manifest, layers, header)
+
+
+def _check_weights_hash(checked: _Checked) -> dict:
+    path, manifest = checked.path, checked.manifest
+    if checked.format_version < 2:
+        return {"sha256_ok": None, "checksum": f"format {checked.format_version} checkpoints carry no checksum"}
+    digest = _checked_sha256(path / WEIGHTS)
+    _require(digest == manifest["weights_sha256"],
+             f"{path / WEIGHTS} does not match the sha256 in {MANIFEST}: its tensor data is damaged")
+    _check_files(path, manifest["extra_files"], "an extra file")
+    return {"sha256_ok": True, "weights_sha256": digest}
+
+
+def _empty_model(path: Path, trust_remote_code: bool):
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        hf_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        with init_empty_weights(include_buffers=False):
+            return AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        raise SensiquantError(f"{path / CONFIG} does not describe a model transformers can build: "
+                              f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") \
+            from None
+
+
+def _check_against_model(model: nn.Module, checked: _Checked) -> None:
+    """Every stored tensor has a place in the model: quantized layers are linears of their shape, the other
+    tensors are parameters or buffers of the model with the same shape."""
+    where = checked.path / WEIGHTS
+    quantized = set()
+    for name, layer in checked.layers.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise SensiquantError(f"{where}: layer {name} is not a module of this {type(model).__name__}") from None
+        _require(isinstance(module, nn.Linear), f"{where}: layer {name} is a {type(module).__name__}, not a linear")
+        _require((module.out_features, module.in_features) == layer.shape,
+                 f"{where}: layer {name} is {layer.shape[0]}x{layer.shape[1]} in the checkpoint, "
+                 f"{module.out_features}x{module.in_features} in the model")
+        has_bias = f"{name}.bias" in checked.header.tensors
+        _require(has_bias == (module.bias is not None),
+                 f"{where}: layer {name} {'has' if has_bias else 'lacks'} a bias, the model's "
+                 f"{'does not' if has_bias else 'does'}")
+        quantized.add(name)
+    state = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    for name, info in checked.header.tensors.items():
+        if name.rpartition(".")[0] in quantized:
+            continue
+        _require(name in state, f"{where}: tensor {name} is not a parameter or buffer of this {type(model).__name__}")
+        _require(info.shape == state[name],
+                 f"{where}: tensor {name} is {list(info.shape)}, the model needs {list(state[name])}")
+
+
+def _check_outliers(name: str, tensors: dict[str, torch.Tensor], layer: LayerReport, where: Path) -> None:
+    if not layer.n_outliers:
+        return
+    row_ptr = tensors["outlier_row_ptr"].long()
+    col_idx = tensors["outlier_col_idx"].long()
+    ok = int(row_ptr[0]) == 0 and int(row_ptr[-1]) == layer.n_outliers and bool((row_ptr[1:] >= row_ptr[:-1]).all())
+    _require(ok, f"{where}: layer {name}: outlier row pointers are not a CSR index of {layer.n_outliers} values")
+    _require(bool(((col_idx >= 0) & (col_idx < layer.shape[1])).all()),
+             f"{where}: layer {name}: outlier column indices outside [0, {layer.shape[1]})")
+
+
+def verify_checkpoint(path: str | Path, trust_remote_code: bool = False) -> dict:
+    """Check a checkpoint completely without loading it: everything :func:`load_quantized` checks, plus the sha256
+    of the weights and of the extra files. Returns a summary; raises SensiquantError on any mismatch. Format-1
+    checkpoints pass with ``sha256_ok`` None (they carry no checksum)."""
+    path = Path(path)
+    checked = _inspect(path)
+    hashed = _check_weights_hash(checked)
+    model = _empty_model(path, trust_remote_code)
+    _check_against_model(model, checked)
+    tensors = mmap_safetensors(path / WEIGHTS, checked.header)
+    for name, layer in checked.layers.items():
+        _check_outliers(name, {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")},
+                        layer, path / WEIGHTS)
+    files = sorted(checked.manifest.get("files", {})) + sorted(checked.manifest.get("extra_files", {}))
+    listed = set(files) | {WEIGHTS, MANIFEST}
+    return {"path": str(path), "format_version": checked.format_version, "layers": len(checked.layers),
+            "tensors": len(checked.header.tensors), "bytes": checked.header.file_size,
+            "files": files, "unlisted_files": [f for f in _relative_files(path) if f not in listed], **hashed}
+
+
+# ----------------------------------------------------------------------------------------------------------- loading
+
+
+def load_quantized(path: str | Path, trust_remote_code: bool = False, verify: bool = False):
+    """(model, tokenizer) from a checkpoint directory, QuantLinear layers restored from their stored tensors.
+
+    The checkpoint is checked first (see the module docstring); ``verify=True`` also hashes the weights."""
+    from transformers import AutoTokenizer
 
     path = Path(path)
-    manifest = read_manifest(path)
-    hf_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
-    state = mmap_safetensors(path / WEIGHTS)
-    report = QuantReport({name: LayerReport.from_dict(d) for name, d in manifest["layers"].items()},
-                         manifest["summary"].get("seconds", 0.0))
+    checked = _inspect(path)
+    if verify:
+        _check_weights_hash(checked)
+    manifest = checked.manifest
+    model = _empty_model(path, trust_remote_code)
+    _check_against_model(model, checked)
+    state = mmap_safetensors(path / WEIGHTS, checked.header)
+    report = QuantReport(checked.layers, manifest["summary"].get("seconds", 0.0))
     for name, layer in report.layers.items():
         prefix = name + "."
         tensors = {k[len(prefix):]: state.pop(k) for k in [k for k in state if k.startswith(prefix)]}
+        _check_outliers(name, tensors, layer, path / WEIGHTS)
         bias = tensors.pop("bias", None)
         out_features, in_features = layer.shape
         set_module(model, name, QuantLinear(in_features, out_features, layer.spec, tensors, bias))
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    if unexpected:
-        raise SensiquantError(f"checkpoint has tensors the model does not: {unexpected[:5]}")
+    _, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    _require(not unexpected, f"checkpoint has tensors the model does not: {unexpected[:5]}")
     model.tie_weights()
     left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.device.type == "meta"]
-    if left:
-        raise SensiquantError(f"checkpoint is missing tensors: {left[:5]}")
+    _require(not left, f"{path / WEIGHTS} is missing tensors of the model: {', '.join(left[:5])}")
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
+    tokenizer = None
+    if (path / "tokenizer_config.json").is_file():
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as exc:
+            raise SensiquantError(f"cannot load the tokenizer of {path}: {str(exc).strip().splitlines()[0]}") \
+                from None
     model.sensiquant_report = report
     return model, tokenizer

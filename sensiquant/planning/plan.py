@@ -11,6 +11,7 @@ from typing import Any
 
 from ..errors import SensiquantError
 from ..format.spec import LayerSpec
+from ..serialize import write_text_atomic
 from .ladder import LadderConfig
 
 PLAN_FORMAT = "sensiquant-plan/2"
@@ -141,12 +142,7 @@ class Plan:
         return cls.from_dict(json.loads(text))
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(self.to_json())
-        tmp.replace(path)
-        return path
+        return write_text_atomic(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:

@@ -45,9 +45,11 @@ from .scoring import (
 )
 
 PLAN_METHODS = ("uniform", "mxq", "sensiboost", "kurtboost")
-# What `sensiquant quantize --budget` uses when no method is named: the best of bench/alloc.py (BENCHMARKS.md,
-# "Allocation"): it beats uniform HQQ at every budget <= 3.51 bits/param on SmolLM2-135M.
-BEST_METHOD = {"method": "sensiboost", "exact": True, "error_metric": "fisher", "outlier_ratios": (0.0, 0.005, 0.01)}
+# What `sensiquant quantize --budget` uses: the best of bench/alloc.py (BENCHMARKS.md, "Layer-sensitive bits"): it
+# beats uniform HQQ at every budget <= 3.51 bits/param on SmolLM2-135M, and applied with GPTQ it beats the same
+# plan applied by rounding at both budgets where both were measured (3.51 and 3.60 bits/param).
+BEST_METHOD = {"method": "sensiboost", "exact": True, "error_metric": "fisher", "outlier_ratios": (0.0, 0.005, 0.01),
+               "apply_method": "gptq"}
 
 
 @dataclass(frozen=True)

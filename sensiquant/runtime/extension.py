@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from ..serialize import write_text_atomic
+
 _CSRC = Path(__file__).resolve().parent / "csrc"
 _SOURCES = ("packed_kernels.cpp",)
 # (variant, compiler flags, linker flags): OpenMP makes at::parallel_for use PyTorch's threads; the last is serial
@@ -92,9 +94,7 @@ def _check_record(build_dir: Path, name: str, sources: str) -> None:
 
 
 def _write_record(build_dir: Path, library: Path, sources: str) -> None:
-    tmp = build_dir / (_RECORD + ".tmp")
-    tmp.write_text(json.dumps({"sources": sources, "library_sha256": _sha256(library)}))
-    tmp.replace(build_dir / _RECORD)
+    write_text_atomic(build_dir / _RECORD, json.dumps({"sources": sources, "library_sha256": _sha256(library)}))
 
 
 def _remove_stale_lock(build_dir: Path) -> None:

@@ -14,12 +14,9 @@ LADDER = ["b2g64", "b3g64", "b4g64", "b8g64"]  # a short ladder keeps the error 
 
 
 def _model(n_layers: int, plant: int | None = None):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from conftest import make_tiny_llama
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=n_layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    model = LlamaForCausalLM(config).eval()
+    model = make_tiny_llama(n_layers, hidden_size=64, intermediate_size=128, tied=False)
     if plant is not None:
         with torch.no_grad():  # a few huge weights: heavy tails in one q_proj
             model.model.layers[plant].self_attn.q_proj.weight[0, :4] = 1.5
