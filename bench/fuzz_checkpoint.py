@@ -41,6 +41,8 @@ import time
 import traceback
 from pathlib import Path
 
+from bench.tiny_model import save_tiny_llama
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 CLASSES = ("rejected_at_load", "caught_by_verify", "equal_logits", "FAILURE")
@@ -49,25 +51,6 @@ _MARK = "@@fuzz "
 
 
 # ------------------------------------------------------------------------------------------------ tiny checkpoints
-
-
-def make_tiny_llama(path: Path) -> Path:
-    """A 2-layer random LLaMA (hidden 96, tied embeddings) with a byte-level tokenizer, as a model directory."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=256, hidden_size=96, intermediate_size=200, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True)
-    LlamaForCausalLM(config).eval().save_pretrained(path)
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    tok = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(sorted(alphabet))}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=sorted(alphabet)[0]).save_pretrained(path)
-    return path
 
 
 def make_checkpoints(model_dir: Path, work: Path) -> tuple[Path, Path]:
@@ -100,13 +83,13 @@ def logits_of(model):
 # ------------------------------------------------------------------------------------------------------ mutations
 
 
-def _read_safetensors(path: Path) -> tuple[dict, bytes]:
+def read_raw_safetensors(path: Path) -> tuple[dict, bytes]:
     data = path.read_bytes()
     (n,) = struct.unpack("<Q", data[:8])
     return json.loads(data[8:8 + n]), data[8 + n:]
 
 
-def _write_safetensors(path: Path, header: dict, body: bytes) -> None:
+def write_raw_safetensors(path: Path, header: dict, body: bytes) -> None:
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + body)
@@ -249,7 +232,7 @@ def apply_mutation(case: Path, other: Path, rng: random.Random) -> dict:
                 detail += f"byte {pos} "
         weights.write_bytes(bytes(data))
     elif kind == "header_field":
-        header, body = _read_safetensors(weights)
+        header, body = read_raw_safetensors(weights)
         name = rng.choice(sorted(header))
         if name == "__metadata__" or rng.random() < 0.1:
             meta = header.setdefault("__metadata__", {})
@@ -282,7 +265,7 @@ def apply_mutation(case: Path, other: Path, rng: random.Random) -> dict:
                 header[name]["data_offsets"], header[other_name]["data_offsets"] = \
                     header[other_name]["data_offsets"], header[name]["data_offsets"]
                 detail = f"swap offsets of {name} and {other_name}"
-        _write_safetensors(weights, header, body)
+        write_raw_safetensors(weights, header, body)
     elif kind in ("truncate", "append", "delete"):
         target = case / ("model.safetensors" if rng.random() < 0.5 else rng.choice(files))
         size = target.stat().st_size
@@ -617,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="fuzz-checkpoint-", dir=args.work_dir) as tmp:
         work = Path(tmp)
-        model_dir = make_tiny_llama(work / "tiny-llama")
+        model_dir = save_tiny_llama(work / "tiny-llama")
         a, b = make_checkpoints(model_dir, work)
         result: dict = {"model": "2-layer random LLaMA, hidden 96 (A: 4-bit g32 + outliers, 3-bit meta8; B: 2-bit)"}
         if args.n:

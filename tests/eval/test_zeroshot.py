@@ -25,7 +25,7 @@ from sensiquant.io import load_model
 
 
 def byte_tokenizer():
-    from conftest import byte_tokenizer
+    from bench.tiny_model import byte_tokenizer
 
     return byte_tokenizer()
 

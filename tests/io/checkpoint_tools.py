@@ -1,16 +1,13 @@
-"""Checkpoints of the tiny LLaMA for the I/O tests, and tools to damage or forge them.
-
-A plain module, not a conftest.py: tests elsewhere import the root conftest by name (``from conftest import ...``),
-which a second conftest.py would shadow."""
+"""Checkpoints of the tiny LLaMA for the I/O tests, and tools to damage or forge them (the fuzzer's own, from
+``bench.fuzz_checkpoint``, plus re-signing and format-1 rewriting)."""
 
 import hashlib
 import json
-import struct
 from pathlib import Path
 
 import torch
 
-from bench.fuzz_checkpoint import PROMPT_IDS, make_checkpoints
+from bench.fuzz_checkpoint import PROMPT_IDS, make_checkpoints, read_raw_safetensors, write_raw_safetensors
 from sensiquant.io import load_quantized
 from sensiquant.io.checkpoint import BINDING_KEY, MANIFEST, WEIGHTS, _binding_digest, _manifest_digest
 
@@ -29,18 +26,6 @@ def logits(model) -> torch.Tensor:
 def references(pair) -> dict[str, torch.Tensor]:
     """The logits of A and of B, loaded from their pristine checkpoints."""
     return {name: logits(load_quantized(path)[0]) for name, path in zip("AB", pair, strict=True)}
-
-
-def read_raw_safetensors(path: Path) -> tuple[dict, bytes]:
-    data = path.read_bytes()
-    (n,) = struct.unpack("<Q", data[:8])
-    return json.loads(data[8:8 + n]), data[8 + n:]
-
-
-def write_raw_safetensors(path: Path, header: dict, body: bytes) -> None:
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw + body)
 
 
 def edit_manifest(path: Path, edit) -> None:

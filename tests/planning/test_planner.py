@@ -14,7 +14,7 @@ LADDER = ["b2g64", "b3g64", "b4g64", "b8g64"]  # a short ladder keeps the error 
 
 
 def _model(n_layers: int, plant: int | None = None):
-    from conftest import make_tiny_llama
+    from bench.tiny_model import make_tiny_llama
 
     model = make_tiny_llama(n_layers, hidden_size=64, intermediate_size=128, tied=False)
     if plant is not None:
@@ -31,7 +31,7 @@ def _config(method, budget=3.5, **kw):
 
 @pytest.fixture(scope="module")
 def tok():
-    from conftest import byte_tokenizer
+    from bench.tiny_model import byte_tokenizer
 
     return byte_tokenizer()
 
