@@ -210,3 +210,48 @@ def test_version_and_every_flag_has_help(capsys):
             if action.option_strings and action.dest != "help" and not action.help:
                 missing.append(f"{sub.prog} {action.option_strings[0]}")
     assert missing == []
+
+
+def _corrupt(ckpt: Path, how: str) -> None:
+    weights, manifest = ckpt / "model.safetensors", ckpt / "sensiquant.json"
+    data = weights.read_bytes()
+    if how == "truncated":
+        weights.write_bytes(data[: len(data) // 2])
+    elif how == "empty":
+        weights.write_bytes(b"")
+    elif how == "huge-header":
+        weights.write_bytes((2**62).to_bytes(8, "little") + data[8:])
+    elif how == "offsets":
+        header_len = int.from_bytes(data[:8], "little")
+        header = data[8:8 + header_len].decode().replace('"data_offsets":[0,', '"data_offsets":[999999999,', 1)
+        weights.write_bytes(len(header).to_bytes(8, "little") + header.encode() + data[8 + header_len:])
+    elif how == "manifest-json":
+        manifest.write_text(manifest.read_text()[:-20])
+    elif how == "bits-4-to-2":
+        manifest.write_text(manifest.read_text().replace('"bits": 4', '"bits": 2'))
+    elif how == "no-config":
+        (ckpt / "config.json").unlink()
+    elif how == "no-manifest":
+        manifest.unlink()
+
+
+@pytest.mark.parametrize("how", ["truncated", "empty", "huge-header", "offsets", "manifest-json", "bits-4-to-2",
+                                 "no-config", "no-manifest"])
+def test_damaged_checkpoints_end_in_one_error_line(tiny_llama, tmp_path, capsys, how):
+    ckpt = tmp_path / "ckpt"
+    assert main(["quantize", str(tiny_llama), "--out", str(ckpt), *SMALL]) == 0
+    capsys.readouterr()
+    _corrupt(ckpt, how)
+    _fails(capsys, ["eval", str(ckpt), "--quiet"])
+
+
+def test_flipped_tensor_bytes_are_caught_by_verify(tiny_llama, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    assert main(["quantize", str(tiny_llama), "--out", str(ckpt), *SMALL]) == 0
+    assert main(["verify", str(ckpt), "--quiet"]) == 0
+    capsys.readouterr()
+    weights = ckpt / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0x10  # a byte of tensor data: the structure stays valid
+    weights.write_bytes(bytes(data))
+    _fails(capsys, ["verify", str(ckpt), "--quiet"], "sha256")
