@@ -234,7 +234,11 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     start = time.perf_counter()
     if args.quiet:
+        import os
+
         from transformers.utils import logging as hf_logging
+
+        os.environ["TQDM_DISABLE"] = "1"  # also the bars of libraries that use tqdm directly (GGUF conversion)
 
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
