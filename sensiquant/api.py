@@ -63,7 +63,8 @@ def check_out_dir(out_dir: str | os.PathLike, model_name: str | None = None, ove
     return out
 
 
-def _not_a_checkpoint(model_name: str) -> None:
+def check_not_a_checkpoint(model_name: str) -> None:
+    """Quantizing or planning an already quantized checkpoint is refused (its layers are no longer nn.Linear)."""
     from .io.models import is_checkpoint
 
     if is_checkpoint(model_name):
@@ -90,7 +91,7 @@ def quantize(model_name: str, config: QuantConfig | LayerSpec | str | None = Non
     """Load ``model_name``, quantize it as ``config`` says (see :func:`as_quant_config`), optionally save it
     (``out_dir`` is checked before any work, see :func:`check_out_dir`). Returns (model, tokenizer, report)."""
     config = as_quant_config(config)
-    _not_a_checkpoint(model_name)
+    check_not_a_checkpoint(model_name)
     if out_dir is not None:
         check_out_dir(out_dir, model_name, overwrite)
     model, tokenizer = load_model(model_name, trust_remote_code=trust_remote_code)
@@ -102,7 +103,7 @@ def quantize(model_name: str, config: QuantConfig | LayerSpec | str | None = Non
 
 def plan(model_name: str, config: PlanConfig, progress: bool = True, trust_remote_code: bool = False) -> Plan:
     """Load ``model_name`` and make a per-layer plan for ``config.budget`` (see :mod:`sensiquant.planning`)."""
-    _not_a_checkpoint(model_name)
+    check_not_a_checkpoint(model_name)
     model, tokenizer = load_model(model_name, trust_remote_code=trust_remote_code)
     return make_plan(model, tokenizer, config, progress, model_name=str(model_name))
 
@@ -113,7 +114,7 @@ def quantize_with_plan(model_name: str, plan_or_config: Plan | PlanConfig, out_d
     """Load ``model_name``, plan it (when given a PlanConfig) and quantize it as planned, with ``method`` or the
     plan's own; optionally save it (the plan is written next to the checkpoint as plan.json).
     Returns (model, tokenizer, report, plan)."""
-    _not_a_checkpoint(model_name)
+    check_not_a_checkpoint(model_name)
     if out_dir is not None:
         check_out_dir(out_dir, model_name, overwrite)
     model, tokenizer = load_model(model_name, trust_remote_code=trust_remote_code)
@@ -166,5 +167,5 @@ def load_for_inference(name_or_path: str, dtype: str = "bfloat16", fast: bool = 
     return model, tokenizer, info
 
 
-__all__ = ["DEFAULT_RECIPE", "DEFAULT_SKIP", "as_quant_config", "check_out_dir", "evaluate_perplexity",
-           "load_for_inference", "model_size_bytes", "plan", "quantize", "quantize_with_plan"]
+__all__ = ["DEFAULT_RECIPE", "DEFAULT_SKIP", "as_quant_config", "check_not_a_checkpoint", "check_out_dir",
+           "evaluate_perplexity", "load_for_inference", "model_size_bytes", "plan", "quantize", "quantize_with_plan"]

@@ -25,7 +25,7 @@ def quant_config(args):
     """The QuantConfig of a `quantize` command line: the recipe of --method, changed by the flags given."""
     from ..api import DEFAULT_RECIPE
     from ..calib import CalibConfig
-    from ..methods import GPTQConfig, OutlierConfig, needed_statistics
+    from ..methods import GPTQConfig, OutlierConfig
     from ..pipeline import recipe
 
     name = args.method or DEFAULT_RECIPE
@@ -49,8 +49,7 @@ def quant_config(args):
     config = base.replace(method=method, default=spec, skip=tuple(split(args.skip)), outliers=outliers, calib=calib)
     if spec.outlier_ratio == 0 and _given(args, _OUTLIER_FLAGS):
         raise SensiquantError(f"{_given(args, _OUTLIER_FLAGS)[0]} applies only with outliers (--outlier-ratio > 0)")
-    needs = needed_statistics(method) | (outliers.needs if spec.outlier_ratio > 0 else frozenset())
-    if not needs and _given(args, _CALIB_FLAGS):
+    if not config.needs and _given(args, _CALIB_FLAGS):
         raise SensiquantError(f"{_given(args, _CALIB_FLAGS)[0]} applies only to methods that calibrate "
                               f"(gptq, gwq, or outliers ranked by a calibrated saliency)")
     return config
@@ -106,15 +105,13 @@ def eval_texts(args, tokenizer=None) -> dict[str, str]:
 def preflight(args, calib=None) -> dict[str, str]:
     """Everything a quantize command can check before loading the model: the output directory, the evaluation
     texts (at least one window each) and the calibration text; returns the evaluation texts."""
-    from ..api import check_out_dir
+    from ..api import check_not_a_checkpoint, check_out_dir
     from ..calib import calibration_windows
     from ..io import load_tokenizer
-    from ..io.models import is_checkpoint
 
     if args.overwrite and not args.out:
         raise SensiquantError("--overwrite applies only with --out")
-    if is_checkpoint(args.model):
-        raise SensiquantError(f"{args.model} is already a sensiquant checkpoint: quantize the original model")
+    check_not_a_checkpoint(args.model)
     if args.out:
         check_out_dir(args.out, args.model, args.overwrite)
     tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
@@ -137,14 +134,11 @@ def _perplexities(model, tokenizer, texts, args) -> dict:
 
 def cmd_quantize(args) -> dict:
     from ..api import DEFAULT_RECIPE, model_size_bytes, quantize
-    from ..methods import needed_statistics
 
     if args.plan or args.budget is not None:
         return cmd_quantize_planned(args)
     config = quant_config(args)
-    outliers = config.outliers.needs if config.default.outlier_ratio > 0 else frozenset()
-    calibrates = bool(needed_statistics(config.method) | outliers)
-    texts = preflight(args, config.calib if calibrates else None)
+    texts = preflight(args, config.calib if config.needs else None)
     model, tokenizer, report = quantize(args.model, config, args.out, progress=not args.quiet,
                                         trust_remote_code=args.trust_remote_code, overwrite=args.overwrite)
     return {"model": args.model, "method": args.method or DEFAULT_RECIPE, "spec": config.default.to_dict(),

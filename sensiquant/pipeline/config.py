@@ -46,6 +46,14 @@ class QuantConfig(Config):
     def spec_of(self, name: str) -> LayerSpec:
         return self.overrides.get(name, self.default)
 
+    @property
+    def needs(self) -> frozenset[str]:
+        """The LayerStats fields this job calibrates: the method's, and the saliency's when any layer (the default
+        or an override) keeps outliers. Empty: no calibration at all."""
+        specs = [self.default, *self.overrides.values()]
+        outliers = self.outliers.needs if any(s.outlier_ratio > 0 for s in specs) else frozenset()
+        return needed_statistics(self.method) | outliers
+
     def to_dict(self) -> dict[str, Any]:
         return {**super().to_dict(), "method": method_to_dict(self.method)}
 

@@ -49,7 +49,7 @@ def quantize_model(model: nn.Module, config: QuantConfig, tokenizer=None, progre
     ratios = {name: spec.outlier_ratio for name, spec in specs.items()}
     method_needs = needed_statistics(config.method)
     outlier_needs = config.outliers.needs if any(r > 0 for r in ratios.values()) else frozenset()
-    needs = method_needs | outlier_needs
+    needs = method_needs | outlier_needs  # config.needs restricted to the layers this model has
     extra: dict = {}
 
     windows = calib_batches

@@ -188,3 +188,11 @@ def test_sequential_gptq_differs_from_one_pass(tiny_llama, text_file):
         model, _, _ = api.quantize(str(tiny_llama), config, progress=False)
         out[sequential] = model.model.layers[1].mlp.down_proj.dequantize()
     assert not torch.equal(out[True], out[False])
+
+
+def test_a_config_names_the_statistics_it_calibrates():
+    assert recipe("hqq").needs == frozenset() and recipe("rtn").needs == frozenset()
+    assert recipe("gptq").needs == {"hessian"}
+    assert gwq().needs == {"hessian", "grad_abs_sum"}
+    one_layer = QuantConfig(overrides={"x": LayerSpec(outlier_ratio=0.01)}, outliers=OutlierConfig("fisher"))
+    assert one_layer.needs == {"grad_sq_sum"}  # an override with outliers is enough
