@@ -93,12 +93,13 @@ def eval_texts(args, tokenizer=None) -> dict[str, str]:
     if not args.ppl and _given(args, _PPL_FLAGS):
         raise SensiquantError(f"{_given(args, _PPL_FLAGS)[0]} applies only with --ppl")
     texts = {name: load_text(name, "test", args.data_dir) for name in split(args.ppl)}
+    if tokenizer is None:
+        return texts
     for name, text in texts.items():
-        if tokenizer is not None:
-            try:
-                tokenize_windows(tokenizer, text, args.seqlen, args.max_windows)
-            except SensiquantError as exc:
-                raise SensiquantError(f"--ppl {name}: {exc}") from None
+        try:
+            tokenize_windows(tokenizer, text, args.seqlen, args.max_windows)
+        except SensiquantError as exc:
+            raise SensiquantError(f"--ppl {name}: {exc}") from None
     return texts
 
 

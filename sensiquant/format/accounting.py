@@ -1,4 +1,5 @@
-"""Exact storage accounting. One function, used by the CLI, the reports and the checkpoint writer alike.
+"""Exact storage accounting. One description of what a quantized matrix stores, used by the CLI, the reports, the
+checkpoint writer and the checkpoint reader alike.
 
 Counts every stored bit of a quantized matrix: packed codes (padded to whole bytes as packed), scales and zeros
 (FP16, or 8-bit codes plus an FP16 scale and zero per meta group), and FP16 outliers in CSR form with the
@@ -17,34 +18,49 @@ from .qweight import index_dtype
 from .spec import LayerSpec
 
 
-def _meta_bits(numel: int, spec: LayerSpec) -> int:
-    if not spec.quant_meta:
-        return 16 * numel
-    n_meta_groups = math.ceil(numel / spec.meta_group_size)
-    return 8 * packed_nbytes(numel, 8) + 2 * 16 * n_meta_groups
-
-
-def outlier_bits(shape: tuple[int, int], nnz: int) -> int:
-    """FP16 values + column indices + row pointers of a CSR outlier set with ``nnz`` entries."""
-    if nnz == 0:
-        return 0
-    out_features, in_features = shape
-    col_bits = torch.iinfo(index_dtype(in_features - 1)).bits
-    ptr_bits = torch.iinfo(index_dtype(nnz)).bits
-    return nnz * (16 + col_bits) + (out_features + 1) * ptr_bits
-
-
-def storage_bits(shape: tuple[int, int], spec: LayerSpec, n_outliers: int | None = None) -> int:
-    """Total stored bits of one (out, in) matrix quantized with ``spec``.
+def stored_tensors(shape: tuple[int, int], spec: LayerSpec, n_outliers: int | None = None
+                   ) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """(dtype, shape) of every tensor a quantized (out, in) matrix stores (the names of
+    :meth:`QuantizedWeight.to_tensors`): packed codes, FP16 scales/zeros or their 8-bit codes with an FP16 scale and
+    zero per meta group, and CSR outliers with the smallest index dtypes. The checkpoint reader checks files
+    against it; :func:`storage_bits` counts it.
 
     ``n_outliers`` defaults to ``round(outlier_ratio * numel)``, the count the outlier selection keeps.
     """
     out_features, in_features = shape
     numel = out_features * in_features
-    n_meta = out_features * num_groups(in_features, spec.group_size)
     if n_outliers is None:
         n_outliers = round(spec.outlier_ratio * numel)
-    return 8 * packed_nbytes(numel, spec.bits) + 2 * _meta_bits(n_meta, spec) + outlier_bits(shape, n_outliers)
+    n_meta = out_features * num_groups(in_features, spec.group_size)
+    tensors = {"qweight": (torch.uint8, (packed_nbytes(numel, spec.bits),))}
+    for kind in ("scale", "zero"):
+        if spec.quant_meta:
+            n_meta_groups = math.ceil(n_meta / spec.meta_group_size)
+            tensors[kind + "_q"] = (torch.uint8, (packed_nbytes(n_meta, 8),))
+            tensors[kind + "_qscale"] = (torch.float16, (n_meta_groups,))
+            tensors[kind + "_qzero"] = (torch.float16, (n_meta_groups,))
+        else:
+            tensors[kind] = (torch.float16, (out_features, n_meta // out_features))
+    if n_outliers:
+        tensors["outlier_values"] = (torch.float16, (n_outliers,))
+        tensors["outlier_col_idx"] = (index_dtype(in_features - 1), (n_outliers,))
+        tensors["outlier_row_ptr"] = (index_dtype(n_outliers), (out_features + 1,))
+    return tensors
+
+
+def _bits(tensors: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> int:
+    return sum(8 * math.prod(shape) * dtype.itemsize for dtype, shape in tensors.values())
+
+
+def outlier_bits(shape: tuple[int, int], nnz: int) -> int:
+    """FP16 values + column indices + row pointers of a CSR outlier set with ``nnz`` entries."""
+    tensors = stored_tensors(shape, LayerSpec(), nnz)
+    return _bits({k: v for k, v in tensors.items() if k.startswith("outlier_")})
+
+
+def storage_bits(shape: tuple[int, int], spec: LayerSpec, n_outliers: int | None = None) -> int:
+    """Total stored bits of one (out, in) matrix quantized with ``spec`` (every tensor of :func:`stored_tensors`)."""
+    return _bits(stored_tensors(shape, spec, n_outliers))
 
 
 def bits_per_param(shape: tuple[int, int], spec: LayerSpec, n_outliers: int | None = None) -> float:

@@ -41,10 +41,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import SensiquantError
-from ..format.accounting import storage_bits
-from ..format.groups import num_groups
-from ..format.packing import packed_nbytes
-from ..format.qweight import index_dtype
+from ..format.accounting import storage_bits, stored_tensors
 from ..format.spec import LayerSpec
 from ..pipeline.config import QuantConfig
 from ..pipeline.report import LayerReport, QuantReport
@@ -276,11 +273,9 @@ def _layer_reports(layers: dict, where: Path) -> dict[str, LayerReport]:
 
 
 def _check_summary(summary: dict, layers: dict[str, LayerReport], where: Path) -> None:
-    report = QuantReport(layers)
-    derived = {"n_layers": len(layers), "quantized_params": report.quantized_params,
-               "quantized_bytes": report.quantized_bits / 8, "bits_per_param": report.bits_per_param,
-               "n_outliers": report.n_outliers}
-    for key, value in derived.items():
+    derived = QuantReport(layers).summary()
+    for key in ("n_layers", "quantized_params", "quantized_bytes", "bits_per_param", "n_outliers"):
+        value = derived[key]
         if key in summary:
             stored = summary[key]
             _require(_is_number(stored) and math.isclose(stored, value, rel_tol=1e-12, abs_tol=1e-12),
@@ -319,25 +314,10 @@ def _check_manifest(manifest, where: Path) -> dict[str, LayerReport]:
 
 
 def expected_layer_tensors(shape: tuple[int, int], spec: LayerSpec, n_outliers: int) -> dict[str, tuple]:
-    """The (dtype, shape) of every tensor a quantized layer stores (bias aside), from its spec and shape alone."""
-    out_features, in_features = shape
-    numel = out_features * in_features
-    n_groups = num_groups(in_features, spec.group_size)
-    tensors = {"qweight": ("U8", (packed_nbytes(numel, spec.bits),))}
-    for kind in ("scale", "zero"):
-        if spec.quant_meta:
-            n_meta = out_features * n_groups
-            n_meta_groups = num_groups(n_meta, spec.meta_group_size)
-            tensors[kind + "_q"] = ("U8", (packed_nbytes(n_meta, 8),))
-            tensors[kind + "_qscale"] = ("F16", (n_meta_groups,))
-            tensors[kind + "_qzero"] = ("F16", (n_meta_groups,))
-        else:
-            tensors[kind] = ("F16", (out_features, n_groups))
-    if n_outliers:
-        tensors["outlier_values"] = ("F16", (n_outliers,))
-        tensors["outlier_col_idx"] = (dtype_name(index_dtype(in_features - 1)), (n_outliers,))
-        tensors["outlier_row_ptr"] = (dtype_name(index_dtype(n_outliers)), (out_features + 1,))
-    return tensors
+    """(safetensors dtype, shape) of every tensor a quantized layer stores (bias aside): the accounting's
+    :func:`~sensiquant.format.stored_tensors`, named as the safetensors header names dtypes."""
+    stored = stored_tensors(shape, spec, n_outliers)
+    return {name: (dtype_name(dtype), dims) for name, (dtype, dims) in stored.items()}
 
 
 def _describe(info: tuple) -> str:
@@ -518,6 +498,19 @@ def _check_outliers(name: str, tensors: dict[str, torch.Tensor], layer: LayerRep
              f"{where}: layer {name}: outlier column indices outside [0, {layer.shape[1]})")
 
 
+def _by_layer(tensors: dict[str, torch.Tensor], layers) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    """The stored tensors of every quantized layer (by leaf name, bias included), and all the others."""
+    per_layer: dict[str, dict[str, torch.Tensor]] = {name: {} for name in layers}
+    rest = {}
+    for key, value in tensors.items():
+        module, _, leaf = key.rpartition(".")
+        if module in per_layer:
+            per_layer[module][leaf] = value
+        else:
+            rest[key] = value
+    return per_layer, rest
+
+
 def verify_checkpoint(path: str | Path, trust_remote_code: bool = False) -> dict:
     """Check a checkpoint completely without loading it: everything :func:`load_quantized` checks, plus the sha256
     of the weights and of the extra files. Returns a summary; raises SensiquantError on any mismatch. Format-1
@@ -527,10 +520,9 @@ def verify_checkpoint(path: str | Path, trust_remote_code: bool = False) -> dict
     hashed = _check_weights_hash(checked)
     model = _empty_model(path, trust_remote_code)
     _check_against_model(model, checked)
-    tensors = mmap_safetensors(path / WEIGHTS, checked.header)
+    per_layer, _ = _by_layer(mmap_safetensors(path / WEIGHTS, checked.header), checked.layers)
     for name, layer in checked.layers.items():
-        _check_outliers(name, {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")},
-                        layer, path / WEIGHTS)
+        _check_outliers(name, per_layer[name], layer, path / WEIGHTS)
     files = sorted(checked.manifest.get("files", {})) + sorted(checked.manifest.get("extra_files", {}))
     listed = set(files) | {WEIGHTS, MANIFEST}
     return {"path": str(path), "format_version": checked.format_version, "layers": len(checked.layers),
@@ -554,11 +546,10 @@ def load_quantized(path: str | Path, trust_remote_code: bool = False, verify: bo
     manifest = checked.manifest
     model = _empty_model(path, trust_remote_code)
     _check_against_model(model, checked)
-    state = mmap_safetensors(path / WEIGHTS, checked.header)
+    per_layer, state = _by_layer(mmap_safetensors(path / WEIGHTS, checked.header), checked.layers)
     report = QuantReport(checked.layers, manifest["summary"].get("seconds", 0.0))
     for name, layer in report.layers.items():
-        prefix = name + "."
-        tensors = {k[len(prefix):]: state.pop(k) for k in [k for k in state if k.startswith(prefix)]}
+        tensors = per_layer[name]
         _check_outliers(name, tensors, layer, path / WEIGHTS)
         bias = tensors.pop("bias", None)
         out_features, in_features = layer.shape
