@@ -32,9 +32,9 @@ def _recipe(name: str, ctx: PeerContext):
 
 def run(setting: str, ctx: PeerContext) -> PeerRun:
     """Settings: hqq-b4g64, hqq-b4g128-meta8, hqq-b3g64-meta8 (uniform HQQ); gptq-b3g64-meta8 (GWQ's backend alone);
-    gwq (the defaults: 3-bit g64 meta8, 0.99% |g| outliers); plan-3.60 / plan-4.26 (the budget-exact SensiBoost +
-    Fisher + GWQ plans that bench/alloc.py made, applied with GPTQ / HQQ; planning itself takes ~10 minutes and is
-    timed in the allocation benchmark, so it is loaded here)."""
+    gwq (the defaults: 3-bit g64 meta8, 1.9% |g| block outliers; 0.99% FP16 ones before session 6); plan-3.60 /
+    plan-4.26 (the budget-exact SensiBoost + Fisher + GWQ plans that bench/alloc.py made, applied with GPTQ / HQQ;
+    planning itself takes ~10 minutes and is timed in the allocation benchmark, so it is loaded here)."""
     from sensiquant import GPTQConfig, Plan, QuantConfig, RoundConfig, apply_plan, quantize_model
 
     model, tokenizer = ctx.load_base()

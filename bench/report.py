@@ -149,8 +149,27 @@ def speed_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def accuracy_table(data: dict) -> str:
+    """bench.accuracy rows: model, setting, exact bits/param, both PPLs, tuning losses, time and memory."""
+    lines = [f"First {data['max_windows']} windows of {data['seqlen']} tokens of WikiText-2 test and of C4.", "",
+             "| model | configuration | bits/param | WikiText-2 PPL | C4 PPL | block loss start -> end | gradient s "
+             "| quantize s | peak RSS MiB |", "|---|---|---:|---:|---:|---|---:|---:|---:|"]
+    for r in data["rows"]:
+        model, _, name = r["name"].partition(": ")
+        if "error" in r:
+            lines.append(f"| {model} | {name} | - | failed: {r['error']} | | | | | |")
+            continue
+        loss = r.get("tuning_loss_start_end")
+        loss = f"{loss[0]:.1f} -> {loss[1]:.1f}" if loss else "-"
+        lines.append(f"| {model} | {name} | {r['bits_per_param']:.4f} | {r['ppl_wikitext2']:.2f} | "
+                     f"{r['ppl_c4']:.2f} | {loss} | {r['gradient_seconds']:.0f} | {r['quantize_seconds']:.0f} | "
+                     f"{r['peak_rss_mb']:.0f} |")
+    return "\n".join(lines)
+
+
 TABLES = {"foundation": ("foundation.json", foundation_table), "hqq_parity": ("hqq_parity.json", parity_table),
-          "gwq": ("gwq.json", gwq_table), "alloc": ("alloc.json", alloc_table),
+          "gwq": ("gwq.json", gwq_table), "accuracy": ("accuracy.json", accuracy_table),
+          "alloc": ("alloc.json", alloc_table),
           "zeroshot": ("zeroshot.json", zeroshot_table), "peers": ("peers.json", peers_table),
           "speed": ("speed.json", speed_table)}
 

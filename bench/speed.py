@@ -27,7 +27,8 @@ ROWS: dict[str, tuple[list[str] | None, str]] = {
     # the same checkpoint with its 3-bit codes held as 4-bit codes for PyTorch's int4 kernel (bench-speed --widen)
     "3-bit g64 (hqq), widened to 4 bits": (["--method", "hqq", "--bits", "3", "--group-size", "64"], "bfloat16"),
     # speed does not depend on calibration size: 4 windows instead of the default 16 to save time
-    "gwq 3-bit g64 meta8 + 0.99% outliers": (["--method", "gwq", "--calib-samples", "4"], "bfloat16"),
+    "gwq 3-bit g64 meta8 + 0.99% outliers": (["--method", "gwq", "--outlier-format", "csr", "--outlier-ratio", "0.0099",
+                                              "--calib-samples", "4"], "bfloat16"),
     # the budget-exact SensiBoost + Fisher + GWQ plan that bench/alloc.py made for 3.60 bits/param (mixed 2-8 bits)
     "plan at 3.60 bits/param": (["--plan", str(RESULTS / "alloc_plans" /
                                               "bpp3.60-sensiboost_exact_fisher_plusgwq.json")], "bfloat16"),

@@ -7,7 +7,7 @@ from .errors import SensiquantError
 from .eval.zeroshot import evaluate_zeroshot, run_lm_eval
 from .format import HQQParams, LayerSpec
 from .io import load_model, load_quantized, save_quantized, verify_checkpoint
-from .methods import GPTQConfig, OutlierConfig, RoundConfig
+from .methods import GPTQConfig, OutlierConfig, RoundConfig, SignRoundConfig
 from .pipeline import QuantConfig, QuantReport, gptq, gwq, quantize_model, recipe
 from .planning import Plan, PlanConfig, PlanLayer, apply_plan, make_plan
 from .runtime import convert_to_fast
@@ -27,6 +27,7 @@ __all__ = [
     "QuantReport",
     "RoundConfig",
     "SensiquantError",
+    "SignRoundConfig",
     "apply_plan",
     "convert_to_fast",
     "evaluate_perplexity",

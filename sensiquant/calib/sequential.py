@@ -50,10 +50,27 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, batches) -> list[tu
     return captured
 
 
-def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+def with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    """A block's captured call with its hidden states replaced."""
     if args:
         return (hidden, *args[1:]), kwargs
     return args, {**kwargs, "hidden_states": hidden}
+
+
+@torch.no_grad()
+def block_hessians(model: nn.Module, block: nn.Module, inputs: list[tuple[tuple, dict]], names: list[str]
+                   ) -> dict[str, torch.Tensor]:
+    """Input Hessians of the layers ``names`` (inside ``block``) from running the block on its captured calls."""
+    acc = {n: HessianAccumulator(model.get_submodule(n).in_features) for n in names}
+    handles = [model.get_submodule(n).register_forward_pre_hook(lambda _m, a, add=acc[n].add: add(a[0]))
+               for n in names]
+    try:
+        for args, kwargs in inputs:
+            block(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: a.h for n, a in acc.items()}
 
 
 @torch.no_grad()
@@ -64,19 +81,10 @@ def calibrate_sequentially(model: nn.Module, prefix: str, blocks: nn.ModuleList,
     inputs = capture_block_inputs(model, blocks[0], batches)
     for i, block in enumerate(tqdm(blocks, desc="gptq blocks", disable=not progress)):
         names = [n for n in layer_names if n.startswith(f"{prefix}.{i}.")]
-        acc = {n: HessianAccumulator(model.get_submodule(n).in_features) for n in names}
-        handles = [model.get_submodule(n).register_forward_pre_hook(lambda _m, a, add=acc[n].add: add(a[0]))
-                   for n in names]
-        try:
-            for args, kwargs in inputs:
-                block(*args, **kwargs)
-        finally:
-            for h in handles:
-                h.remove()
         if names:
-            quantize_block({n: a.h for n, a in acc.items()})
+            quantize_block(block_hessians(model, block, inputs, names))
         outputs = []
         for args, kwargs in inputs:
             out = block(*args, **kwargs)
-            outputs.append(_with_hidden(args, kwargs, out[0] if isinstance(out, tuple) else out))
+            outputs.append(with_hidden(args, kwargs, out[0] if isinstance(out, tuple) else out))
         inputs = outputs

@@ -8,8 +8,11 @@ from ..errors import SensiquantError
 _CALIB_FLAGS = {"--calib": "calib", "--calib-samples": "calib_samples", "--calib-seqlen": "calib_seqlen"}
 _OUTLIER_FLAGS = {"--saliency": "saliency", "--outlier-scope": "outlier_scope"}
 _GPTQ_FLAGS = {"--act-order": "act_order"}
-_METHOD_FLAGS = {"--method": "method", "--bits": "bits", "--group-size": "group_size", "--quant-meta": "quant_meta",
-                 "--grid": "grid", "--outlier-ratio": "outlier_ratio", **_OUTLIER_FLAGS, **_GPTQ_FLAGS}
+_TUNE_FLAGS = {"--tune-iters": "tune_iters", "--tune-dtype": "tune_dtype"}
+_METHOD_FLAGS = {"--method": "method", "--preset": "preset", "--bits": "bits", "--group-size": "group_size",
+                 "--quant-meta": "quant_meta", "--grid": "grid", "--outlier-ratio": "outlier_ratio",
+                 "--outlier-format": "outlier_format", "--tune": "tune", **_OUTLIER_FLAGS, **_GPTQ_FLAGS,
+                 **_TUNE_FLAGS}
 _PPL_FLAGS = {"--max-windows": "max_windows"}
 
 
@@ -24,21 +27,23 @@ def _given(args, flags: dict[str, str]) -> list[str]:
 def quant_config(args):
     """The QuantConfig of a `quantize` command line: the recipe of --method, changed by the flags given."""
     from ..api import DEFAULT_RECIPE
-    from ..calib import CalibConfig
-    from ..methods import GPTQConfig, OutlierConfig
-    from ..pipeline import recipe
+    from ..methods import GPTQConfig, SignRoundConfig
+    from ..pipeline import preset, recipe
 
-    name = args.method or DEFAULT_RECIPE
+    if args.preset and args.method:
+        raise SensiquantError("give either --preset or --method, not both")
+    name = args.method or (None if args.preset else DEFAULT_RECIPE)
     if args.grid is not None and name in ("rtn", "hqq"):
         raise SensiquantError(f"--grid applies to gptq and gwq; --method {name} is its own grid")
-    base = recipe(name)
+    base = preset(args.preset) if args.preset else recipe(name)
     spec_changes = {k: v for k, v in (("bits", args.bits), ("group_size", args.group_size),
                                       ("quant_meta", args.quant_meta), ("grid", args.grid),
-                                      ("outlier_ratio", args.outlier_ratio)) if v is not None}
+                                      ("outlier_ratio", args.outlier_ratio),
+                                      ("outlier_format", args.outlier_format)) if v is not None}
     spec = base.default.replace(**spec_changes)
-    outliers = OutlierConfig(**{k: v for k, v in (("saliency", args.saliency), ("scope", args.outlier_scope),
-                                                  ("seed", args.seed)) if v is not None})
-    calib = CalibConfig(**{k: v for k, v in (("source", args.calib), ("samples", args.calib_samples),
+    outliers = base.outliers.replace(**{k: v for k, v in (("saliency", args.saliency), ("scope", args.outlier_scope),
+                                                          ("seed", args.seed)) if v is not None})
+    calib = base.calib.replace(**{k: v for k, v in (("source", args.calib), ("samples", args.calib_samples),
                                              ("seqlen", args.calib_seqlen), ("seed", args.seed),
                                              ("data_dir", args.data_dir)) if v is not None})
     method = base.method
@@ -46,10 +51,19 @@ def quant_config(args):
         if not isinstance(method, GPTQConfig):
             raise SensiquantError(f"--act-order applies to GPTQ (--method gptq or gwq), not --method {name}")
         method = method.replace(act_order=args.act_order)
-    config = base.replace(method=method, default=spec, skip=tuple(split(args.skip)), outliers=outliers, calib=calib)
+    tuning = base.tuning
+    if args.tune is not None:
+        tuning = (tuning or SignRoundConfig()) if args.tune else None
+    if tuning is None and _given(args, _TUNE_FLAGS):
+        raise SensiquantError(f"{_given(args, _TUNE_FLAGS)[0]} applies only with block tuning (--tune)")
+    if tuning is not None:
+        tuning = tuning.replace(**{k: v for k, v in (("iters", args.tune_iters), ("compute_dtype", args.tune_dtype))
+                                   if v is not None})
+    config = base.replace(method=method, default=spec, skip=tuple(split(args.skip)), outliers=outliers, calib=calib,
+                          tuning=tuning)
     if spec.outlier_ratio == 0 and _given(args, _OUTLIER_FLAGS):
         raise SensiquantError(f"{_given(args, _OUTLIER_FLAGS)[0]} applies only with outliers (--outlier-ratio > 0)")
-    if not config.needs and _given(args, _CALIB_FLAGS):
+    if not config.calibrated and _given(args, _CALIB_FLAGS):
         raise SensiquantError(f"{_given(args, _CALIB_FLAGS)[0]} applies only to methods that calibrate "
                               f"(gptq, gwq, or outliers ranked by a calibrated saliency)")
     return config
@@ -139,10 +153,11 @@ def cmd_quantize(args) -> dict:
     if args.plan or args.budget is not None:
         return cmd_quantize_planned(args)
     config = quant_config(args)
-    texts = preflight(args, config.calib if config.needs else None)
+    texts = preflight(args, config.calib if config.calibrated else None)
     model, tokenizer, report = quantize(args.model, config, args.out, progress=not args.quiet,
                                         trust_remote_code=args.trust_remote_code, overwrite=args.overwrite)
-    return {"model": args.model, "method": args.method or DEFAULT_RECIPE, "spec": config.default.to_dict(),
+    return {"model": args.model, "method": args.method or (None if args.preset else DEFAULT_RECIPE),
+            "preset": args.preset, "spec": config.default.to_dict(), "tuned": config.tuning is not None,
             **report.summary(),
             "model_bytes": model_size_bytes(model), "out": args.out,
             "ppl": _perplexities(model, tokenizer, texts, args)}

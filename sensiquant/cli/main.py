@@ -58,14 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
     from ..api import DEFAULT_RECIPE
     from ..calib import CalibConfig
     from ..eval.zeroshot import BATCH_TOKENS
+    from ..format.spec import OUTLIER_FORMATS
     from ..io.models import DEFAULT_MODEL
-    from ..methods import SALIENCIES, OutlierConfig
+    from ..methods import SALIENCIES, OutlierConfig, SignRoundConfig
     from ..methods.outliers import SCOPES
-    from ..pipeline import DEFAULT_SKIP, GWQ_SPEC, RECIPES
+    from ..pipeline import DEFAULT_SKIP, GWQ_SPEC, PRESETS, RECIPES
     from ..planning import PLAN_METHODS, PlanConfig
     from ..planning.plan import APPLY_METHODS
 
-    calib, outliers, plan = CalibConfig(), OutlierConfig(), PlanConfig()
+    calib, outliers, plan, tuning = CalibConfig(), OutlierConfig(), PlanConfig(), SignRoundConfig()
     parser = _Parser(prog="sensiquant", description=__doc__.split(".")[0])
     parser.add_argument("--version", action="version", version=f"sensiquant {sensiquant.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -76,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--method", choices=RECIPES, default=None,
                    help=f"recipe (default {DEFAULT_RECIPE}): rtn/hqq round to nearest on the min-max/HQQ grid; gptq; "
                         "gwq = gptq + gradient-ranked FP16 outliers")
+    q.add_argument("--preset", choices=PRESETS, default=None,
+                   help="whole jobs at gwq's size with block outliers: fast (gptq, 2 calibration windows) or best "
+                        "(block-tuned HQQ grid, 16 windows); other flags change them")
     q.add_argument("--bits", type=int, default=None, help="code width 2, 3, 4 or 8 (default: rtn/hqq 4, gptq/gwq 3)")
     q.add_argument("--group-size", type=int, default=None, help="columns per group; -1 for per-channel (default 64)")
     q.add_argument("--quant-meta", action=argparse.BooleanOptionalAction, default=None,
@@ -91,7 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bits/param for all quantized linears: plan with the best method, then quantize")
     g = q.add_argument_group("outliers and calibration")
     g.add_argument("--outlier-ratio", type=float, default=None,
-                   help=f"share of weights kept in FP16 (default: gwq {GWQ_SPEC.outlier_ratio}, else 0)")
+                   help=f"share of weights kept as outliers (default: gwq {GWQ_SPEC.outlier_ratio}, else 0)")
+    g.add_argument("--outlier-format", choices=OUTLIER_FORMATS, default=None,
+                   help="csr: FP16 values (about 34 bits per outlier); block: 8-bit residuals in blocks of 255 "
+                        "(about 19 bits at 1%%) (default: the recipe's)")
     g.add_argument("--outlier-scope", choices=SCOPES, default=None, help=f"default {outliers.scope}")
     g.add_argument("--saliency", choices=SALIENCIES, default=None, help=f"ranking (default {outliers.saliency})")
     g.add_argument("--calib", default=None, help=f"calibration set or text file (default {calib.source})")
@@ -101,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
                    help="GPTQ: process columns by descending Hessian diagonal (default on)")
     g.add_argument("--seed", type=int, default=None, help=f"calibration seed (default {calib.seed})")
+    t = q.add_argument_group("block tuning (SignRound)")
+    t.add_argument("--tune", action=argparse.BooleanOptionalAction, default=None,
+                   help="tune the rounding block by block to match the full-precision block outputs (default: on "
+                        "for --preset best)")
+    t.add_argument("--tune-iters", type=_at_least(0), default=None, help=f"steps per block (default {tuning.iters})")
+    t.add_argument("--tune-dtype", choices=["float32", "bfloat16"], default=None,
+                   help=f"dtype of the tuning forward/backward (default {tuning.compute_dtype})")
     _add_ppl(q)
     _add_common(q)
 

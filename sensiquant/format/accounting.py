@@ -2,8 +2,9 @@
 checkpoint writer and the checkpoint reader alike.
 
 Counts every stored bit of a quantized matrix: packed codes (padded to whole bytes as packed), scales and zeros
-(FP16, or 8-bit codes plus an FP16 scale and zero per meta group), and FP16 outliers in CSR form with the
-smallest index dtypes that fit.
+(FP16, or 8-bit codes plus an FP16 scale and zero per meta group), and outliers: FP16 values in CSR form with the
+smallest index dtypes that fit, or block residuals (a count per block, an offset and a residual code per outlier,
+one FP16 residual scale).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 
 from .groups import num_groups
 from .packing import packed_nbytes
-from .qweight import index_dtype
+from .qweight import OUTLIER_BLOCK, index_dtype
 from .spec import LayerSpec
 
 
@@ -22,8 +23,8 @@ def stored_tensors(shape: tuple[int, int], spec: LayerSpec, n_outliers: int | No
                    ) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     """(dtype, shape) of every tensor a quantized (out, in) matrix stores (the names of
     :meth:`QuantizedWeight.to_tensors`): packed codes, FP16 scales/zeros or their 8-bit codes with an FP16 scale and
-    zero per meta group, and CSR outliers with the smallest index dtypes. The checkpoint reader checks files
-    against it; :func:`storage_bits` counts it.
+    zero per meta group, and outliers in ``spec.outlier_format``: CSR with the smallest index dtypes, or block
+    residuals. The checkpoint reader checks files against it; :func:`storage_bits` counts it.
 
     ``n_outliers`` defaults to ``round(outlier_ratio * numel)``, the count the outlier selection keeps.
     """
@@ -41,7 +42,12 @@ def stored_tensors(shape: tuple[int, int], spec: LayerSpec, n_outliers: int | No
             tensors[kind + "_qzero"] = (torch.float16, (n_meta_groups,))
         else:
             tensors[kind] = (torch.float16, (out_features, n_meta // out_features))
-    if n_outliers:
+    if n_outliers and spec.outlier_format == "block":
+        tensors["outlier_counts"] = (torch.uint8, (math.ceil(numel / OUTLIER_BLOCK),))
+        tensors["outlier_offsets"] = (torch.uint8, (n_outliers,))
+        tensors["outlier_codes"] = (torch.int8, (n_outliers,))
+        tensors["outlier_scale"] = (torch.float16, (1,))
+    elif n_outliers:
         tensors["outlier_values"] = (torch.float16, (n_outliers,))
         tensors["outlier_col_idx"] = (index_dtype(in_features - 1), (n_outliers,))
         tensors["outlier_row_ptr"] = (index_dtype(n_outliers), (out_features + 1,))
@@ -52,9 +58,10 @@ def _bits(tensors: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> int:
     return sum(8 * math.prod(shape) * dtype.itemsize for dtype, shape in tensors.values())
 
 
-def outlier_bits(shape: tuple[int, int], nnz: int) -> int:
-    """FP16 values + column indices + row pointers of a CSR outlier set with ``nnz`` entries."""
-    tensors = stored_tensors(shape, LayerSpec(), nnz)
+def outlier_bits(shape: tuple[int, int], nnz: int, outlier_format: str = "csr") -> int:
+    """Stored bits of ``nnz`` outliers in ``outlier_format``: FP16 values + column indices + row pointers (CSR), or
+    block counts + offsets + residual codes + the residual scale (block)."""
+    tensors = stored_tensors(shape, LayerSpec(outlier_format=outlier_format), nnz)
     return _bits({k: v for k, v in tensors.items() if k.startswith("outlier_")})
 
 

@@ -1,10 +1,12 @@
-"""The stored form of a quantized matrix: ``W ~ (q - zero) * scale`` per group of input columns, plus sparse FP16
-outliers. :class:`QuantizedWeight` holds codes, scales and zeros exactly as stored, dequantizes them, and converts
-to and from the flat tensors of a checkpoint; :func:`encode` turns fitted scales/zeros into that form. Every
-method (``sensiquant.methods``) ends here."""
+"""The stored form of a quantized matrix: ``W ~ (q - zero) * scale`` per group of input columns, plus sparse
+outliers, either FP16 values in CSR (:class:`SparseOutliers`) or int8 residuals on the codes in blocks
+(:class:`BlockOutliers`). :class:`QuantizedWeight` holds codes, scales and zeros exactly as stored, dequantizes
+them, and converts to and from the flat tensors of a checkpoint; :func:`encode` turns fitted scales/zeros into that
+form. Every method (``sensiquant.methods``) ends here."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -14,13 +16,19 @@ from .packing import pack, unpack
 from .spec import LayerSpec
 
 MIN_SCALE = 1e-6
+# block outliers: consecutive row-major positions per block. 255, so that a block's count (at most every position)
+# and every offset fit one uint8: any mask can be stored (a gradient ranking can fill a whole block).
+OUTLIER_BLOCK = 255
+RESIDUAL_MAX = 127  # block outliers: int8 residual codes in [-127, 127]
+_FP16_TINY = 2.0**-24  # the smallest positive FP16 (subnormal): the floor of the residual scale
+_FP16_MAX = 65504.0
 
 
 @dataclass
 class SparseOutliers:
     """Weights kept exactly, CSR by output row: FP16 values, column indices, row pointers."""
 
-    values: torch.Tensor  # float16 (nnz,)
+    values: torch.Tensor  # float16 (nnz,) as stored; float32 when converted from block outliers (csr_outliers)
     col_idx: torch.Tensor  # smallest unsigned/signed int dtype that holds in_features - 1
     row_ptr: torch.Tensor  # smallest int dtype that holds nnz, (out + 1,)
 
@@ -32,18 +40,72 @@ class SparseOutliers:
         counts = (self.row_ptr[1:].long() - self.row_ptr[:-1].long())
         return torch.repeat_interleave(torch.arange(counts.numel()), counts)
 
+    def positions(self, in_features: int) -> torch.Tensor:
+        """Row-major flat positions (int64, ascending)."""
+        return self.rows() * in_features + self.col_idx.long()
+
+    def exact_values(self, grid: torch.Tensor) -> torch.Tensor:
+        """The outlier values (float32); ``grid`` (the dequantized codes at their places) is not needed here."""
+        return self.values.float()
+
     @staticmethod
     def from_mask(w: torch.Tensor, mask: torch.Tensor) -> SparseOutliers:
-        out_features, in_features = w.shape
         rows, cols = mask.nonzero(as_tuple=True)
-        counts = torch.bincount(rows, minlength=out_features)
-        row_ptr = torch.zeros(out_features + 1, dtype=torch.int64)
-        row_ptr[1:] = torch.cumsum(counts, 0)
-        return SparseOutliers(
-            values=w[rows, cols].to(torch.float16),
-            col_idx=cols.to(index_dtype(in_features - 1)),
-            row_ptr=row_ptr.to(index_dtype(int(mask.sum()))),
-        )
+        return SparseOutliers(w[rows, cols].to(torch.float16), *_csr_index(rows, cols, tuple(w.shape)))
+
+
+def _csr_index(rows: torch.Tensor, cols: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column indices and row pointers (smallest dtypes) of entries in row-major order."""
+    out_features, in_features = shape
+    row_ptr = torch.zeros(out_features + 1, dtype=torch.int64)
+    row_ptr[1:] = torch.cumsum(torch.bincount(rows, minlength=out_features), 0)
+    return cols.to(index_dtype(in_features - 1)), row_ptr.to(index_dtype(int(rows.numel())))
+
+
+@dataclass
+class BlockOutliers:
+    """Outliers as int8 residuals on the dequantized codes at their places, in blocks of ``OUTLIER_BLOCK``
+    consecutive row-major positions: ``value = (q - zero) * scale + codes * self.scale``. Cheaper than CSR (one
+    byte of position and one of value per outlier, one count byte per block); within ``self.scale / 2`` of the
+    weight instead of exact."""
+
+    counts: torch.Tensor  # uint8 (ceil(numel / OUTLIER_BLOCK),): outliers per block
+    offsets: torch.Tensor  # uint8 (nnz,): position inside its block, ascending within each block
+    codes: torch.Tensor  # int8 (nnz,): residual codes
+    scale: torch.Tensor  # float16 (1,): residual scale, max |residual| / RESIDUAL_MAX rounded up
+
+    @property
+    def nnz(self) -> int:
+        return int(self.offsets.numel())
+
+    def positions(self, in_features: int | None = None) -> torch.Tensor:
+        """Row-major flat positions (int64, ascending)."""
+        blocks = torch.repeat_interleave(torch.arange(self.counts.numel()), self.counts.long())
+        return blocks * OUTLIER_BLOCK + self.offsets.long()
+
+    def exact_values(self, grid: torch.Tensor) -> torch.Tensor:
+        """The outlier values (float32) given ``grid``, the dequantized codes at their places (float32)."""
+        return grid + self.codes.float() * self.scale.float()
+
+    @staticmethod
+    def from_mask(w: torch.Tensor, grid: torch.Tensor, mask: torch.Tensor) -> BlockOutliers:
+        """Residuals of ``w`` on ``grid`` (the dense dequantized codes, float32) where ``mask`` is set."""
+        flat = mask.reshape(-1).nonzero().squeeze(1)
+        counts = torch.bincount(flat // OUTLIER_BLOCK, minlength=math.ceil(mask.numel() / OUTLIER_BLOCK))
+        residual = w.reshape(-1)[flat].float() - grid.reshape(-1)[flat]
+        scale = residual_scale(float(residual.abs().max()))
+        codes = torch.round(residual / scale.float()).clamp(-RESIDUAL_MAX, RESIDUAL_MAX)
+        return BlockOutliers(counts.to(torch.uint8), (flat % OUTLIER_BLOCK).to(torch.uint8), codes.to(torch.int8),
+                             scale)
+
+
+def residual_scale(max_abs: float) -> torch.Tensor:
+    """FP16 (1,) scale with ``RESIDUAL_MAX * scale >= max_abs`` (rounded up, so that no residual code clips),
+    floored to the smallest positive FP16 and capped at the largest."""
+    s = torch.tensor([min(max(max_abs / RESIDUAL_MAX, _FP16_TINY), _FP16_MAX)], dtype=torch.float64).to(torch.float16)
+    if float(s) * RESIDUAL_MAX < max_abs and float(s) < _FP16_MAX:
+        s = (s.view(torch.int16) + 1).view(torch.float16)  # the next FP16 up (s is positive and finite)
+    return s
 
 
 def index_dtype(max_value: int) -> torch.dtype:
@@ -106,33 +168,59 @@ class QuantizedWeight:
     spec: LayerSpec
     stored_scale: dict[str, torch.Tensor]
     stored_zero: dict[str, torch.Tensor]
-    outliers: SparseOutliers | None = None
+    outliers: SparseOutliers | BlockOutliers | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.codes.shape)
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def grid(self) -> torch.Tensor:
+        """``(q - zero) * scale`` (float32, (out, in)): the dequantized codes, outliers not applied."""
         pieces = groups.split_groups(self.codes.float(), self.spec.group_size)
-        w = groups.merge_groups(
+        return groups.merge_groups(
             [(q - z) * s for q, s, z in zip(pieces, groups.split_like(self.scale, pieces),
                                             groups.split_like(self.zero, pieces))]
         )
+
+    def grid_at(self, positions: torch.Tensor) -> torch.Tensor:
+        """:meth:`grid` at row-major flat ``positions`` only (bit-equal, without the dense matrix)."""
+        in_features = self.shape[1]
+        rows, cols = positions // in_features, positions % in_features
+        g = cols // groups.resolve_group_size(self.spec.group_size, in_features)  # a tail group is shorter than g
+        return (self.codes[rows, cols].float() - self.zero[rows, g]) * self.scale[rows, g]
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        w = self.grid()
         if self.outliers is not None and self.outliers.nnz:
-            w[self.outliers.rows(), self.outliers.col_idx.long()] = self.outliers.values.float()
+            flat = w.view(-1)
+            pos = self.outliers.positions(self.shape[1])
+            flat[pos] = self.outliers.exact_values(flat[pos])
         return w.to(dtype)
+
+    def csr_outliers(self) -> SparseOutliers | None:
+        """The outliers in CSR with their exact values, for kernels that take CSR: the stored CSR itself, or block
+        outliers converted (float32 values)."""
+        o = self.outliers
+        if o is None or not o.nnz:
+            return None
+        if isinstance(o, SparseOutliers):
+            return o
+        pos = o.positions()
+        in_features = self.shape[1]
+        return SparseOutliers(o.exact_values(self.grid_at(pos)),
+                              *_csr_index(pos // in_features, pos % in_features, self.shape))
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         """Flat tensors to store (names relative to the layer)."""
         out = {"qweight": pack(self.codes, self.spec.bits)}
         out.update({"scale" + k: v for k, v in self.stored_scale.items()})
         out.update({"zero" + k: v for k, v in self.stored_zero.items()})
-        if self.outliers is not None and self.outliers.nnz:
-            out.update(
-                outlier_values=self.outliers.values,
-                outlier_col_idx=self.outliers.col_idx,
-                outlier_row_ptr=self.outliers.row_ptr,
-            )
+        o = self.outliers
+        if isinstance(o, BlockOutliers) and o.nnz:
+            out.update(outlier_counts=o.counts, outlier_offsets=o.offsets, outlier_codes=o.codes,
+                       outlier_scale=o.scale)
+        elif o is not None and o.nnz:
+            out.update(outlier_values=o.values, outlier_col_idx=o.col_idx, outlier_row_ptr=o.row_ptr)
         return out
 
     @staticmethod
@@ -146,6 +234,9 @@ class QuantizedWeight:
             outliers = SparseOutliers(
                 tensors["outlier_values"], tensors["outlier_col_idx"], tensors["outlier_row_ptr"]
             )
+        elif "outlier_offsets" in tensors:
+            outliers = BlockOutliers(tensors["outlier_counts"], tensors["outlier_offsets"], tensors["outlier_codes"],
+                                     tensors["outlier_scale"])
         codes = unpack(tensors["qweight"], spec.bits, out_features * in_features).reshape(shape)
         return QuantizedWeight(
             codes=codes,
@@ -160,7 +251,8 @@ class QuantizedWeight:
 
 def encode(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: LayerSpec,
            outlier_mask: torch.Tensor | None = None) -> QuantizedWeight:
-    """Store scale/zero at their storage precision, then compute codes against the stored values."""
+    """Store scale/zero at their storage precision, then compute codes against the stored values; outliers (where
+    ``outlier_mask`` is set) in ``spec.outlier_format``, block residuals against those codes and stored values."""
     stored_scale, scale_s = _store(scale, spec)
     stored_zero, zero_s = _store(zero, spec)
     qmax = 2**spec.bits - 1
@@ -169,7 +261,10 @@ def encode(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: Layer
         [torch.round(p / s + z).clamp(0, qmax) for p, s, z in
          zip(pieces, groups.split_like(scale_s.clamp_min(MIN_SCALE), pieces), groups.split_like(zero_s, pieces))]
     ).to(torch.uint8)
-    outliers = None
+    qw = QuantizedWeight(codes, scale_s, zero_s, spec, stored_scale, stored_zero)
     if outlier_mask is not None and bool(outlier_mask.any()):
-        outliers = SparseOutliers.from_mask(w.float(), outlier_mask)
-    return QuantizedWeight(codes, scale_s, zero_s, spec, stored_scale, stored_zero, outliers)
+        if spec.outlier_format == "block":
+            qw.outliers = BlockOutliers.from_mask(w, qw.grid(), outlier_mask)
+        else:
+            qw.outliers = SparseOutliers.from_mask(w.float(), outlier_mask)
+    return qw

@@ -11,6 +11,7 @@ from ..serialize import Config, coerce
 from .packing import SUPPORTED_BITS
 
 GRIDS = ("rtn", "hqq")  # how a group's (scale, zero) is fitted: min-max, or the half-quadratic solver
+OUTLIER_FORMATS = ("csr", "block")  # FP16 values in CSR, or int8 residuals on the codes in blocks (format/qweight.py)
 
 
 def check_bits(bits) -> int:
@@ -45,7 +46,8 @@ class HQQParams(Config):
 @dataclass(frozen=True)
 class LayerSpec(Config):
     """How one weight matrix is stored: codes of ``bits`` bits in groups of ``group_size`` input columns, FP16 or
-    8-bit scales/zeros, and a share of weights kept exactly in FP16; ``grid`` says how scales/zeros are fitted."""
+    8-bit scales/zeros, and a share of weights kept (nearly) exactly as outliers in ``outlier_format``; ``grid``
+    says how scales/zeros are fitted."""
 
     grid: str = "hqq"
     bits: int = 4
@@ -55,8 +57,10 @@ class LayerSpec(Config):
     # Integer zero points for the min-max start and the solver, so that 0 is exactly representable. Fractional
     # zeros alone (the hqq package at 2/3 bits) bias every near-zero weight of a group the same way (BENCHMARKS.md).
     round_zero: bool = True
-    outlier_ratio: float = 0.0  # share of weights kept exactly in FP16 (the pipeline picks them)
+    outlier_ratio: float = 0.0  # share of weights kept as outliers (the pipeline picks them)
     hqq: HQQParams = field(default_factory=HQQParams)
+    # how outliers are stored: "csr" (FP16 values, exact) or "block" (int8 residuals on the codes, compact)
+    outlier_format: str = "csr"
 
     def __post_init__(self) -> None:
         if isinstance(self.hqq, dict):
@@ -73,6 +77,9 @@ class LayerSpec(Config):
             raise SensiquantError(f"meta group size must be a positive integer, got {self.meta_group_size!r}")
         if not (isinstance(self.outlier_ratio, int | float) and 0.0 <= self.outlier_ratio < 0.5):
             raise SensiquantError(f"outlier ratio must be in [0, 0.5), got {self.outlier_ratio!r}")
+        if self.outlier_format not in OUTLIER_FORMATS:
+            raise SensiquantError(f"unknown outlier format {self.outlier_format!r}: choose one of "
+                                  f"{', '.join(OUTLIER_FORMATS)}")
 
     @classmethod
     def _migrate(cls, data: dict[str, Any], version: int | None) -> dict[str, Any]:

@@ -17,10 +17,12 @@ until the new one is; a save killed half-way leaves at most a hidden sibling, wh
 
 Loading (:func:`load_quantized`) always checks, without reading the weights: the manifest's schema and checksum;
 that the safetensors header lists exactly the tensors of the manifest; that every quantized layer stores exactly the
-tensors its spec and shape require (packed code bytes, scale/zero shapes or 8-bit metadata sizes, outlier CSR
-lengths) and the bits the accounting gives; that the weights file and the small files (config, tokenizer) are the
-ones this manifest was written with; that every tensor fits the model. ``verify=True`` (and
-:func:`verify_checkpoint`) also hashes the weights. Any mismatch is one :class:`SensiquantError`.
+tensors its spec and shape require (packed code bytes, scale/zero shapes or 8-bit metadata sizes, outlier CSR or
+block lengths) and the bits the accounting gives; that the weights file and the small files (config, tokenizer) are
+the ones this manifest was written with; that every tensor fits the model. Of the tensors it reads only the outlier
+indices: CSR row pointers and columns, or block counts (adding up to the outliers), offsets (ascending in each
+block, inside the matrix) and the residual scale (finite, positive). ``verify=True`` (and :func:`verify_checkpoint`)
+also hashes the weights. Any mismatch is one :class:`SensiquantError`.
 
 Format 1 (before checksums) still loads: the structure checks apply, there is nothing to hash.
 """
@@ -42,6 +44,7 @@ from torch import nn
 
 from ..errors import SensiquantError
 from ..format.accounting import storage_bits, stored_tensors
+from ..format.qweight import OUTLIER_BLOCK
 from ..format.spec import LayerSpec
 from ..pipeline.config import QuantConfig
 from ..pipeline.report import LayerReport, QuantReport
@@ -490,12 +493,32 @@ def _check_against_model(model: nn.Module, checked: _Checked) -> None:
 def _check_outliers(name: str, tensors: dict[str, torch.Tensor], layer: LayerReport, where: Path) -> None:
     if not layer.n_outliers:
         return
+    if layer.spec.outlier_format == "block":
+        _check_block_outliers(name, tensors, layer, where)
+        return
     row_ptr = tensors["outlier_row_ptr"].long()
     col_idx = tensors["outlier_col_idx"].long()
     ok = int(row_ptr[0]) == 0 and int(row_ptr[-1]) == layer.n_outliers and bool((row_ptr[1:] >= row_ptr[:-1]).all())
     _require(ok, f"{where}: layer {name}: outlier row pointers are not a CSR index of {layer.n_outliers} values")
     _require(bool(((col_idx >= 0) & (col_idx < layer.shape[1])).all()),
              f"{where}: layer {name}: outlier column indices outside [0, {layer.shape[1]})")
+
+
+def _check_block_outliers(name: str, tensors: dict[str, torch.Tensor], layer: LayerReport, where: Path) -> None:
+    """Block counts add up to the outliers, offsets ascend within each block and stay inside the matrix (so the
+    positions ascend overall), the residual scale is a finite positive number."""
+    counts = tensors["outlier_counts"].long()
+    total = int(counts.sum())
+    _require(total == layer.n_outliers,
+             f"{where}: layer {name}: outlier block counts add up to {total}, not to its {layer.n_outliers} outliers")
+    blocks = torch.repeat_interleave(torch.arange(counts.numel()), counts)
+    positions = blocks * OUTLIER_BLOCK + tensors["outlier_offsets"].long()
+    _require(bool((positions[1:] > positions[:-1]).all()) and int(positions[-1]) < layer.shape[0] * layer.shape[1],
+             f"{where}: layer {name}: outlier offsets do not ascend within their blocks or fall outside the "
+             f"{layer.shape[0]}x{layer.shape[1]} matrix")
+    scale = tensors["outlier_scale"].float()
+    _require(bool(torch.isfinite(scale).all()) and bool((scale > 0).all()),
+             f"{where}: layer {name}: outlier residual scale {float(scale[0])!r} is not a finite positive number")
 
 
 def _by_layer(tensors: dict[str, torch.Tensor], layers) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:

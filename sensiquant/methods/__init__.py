@@ -1,5 +1,6 @@
 """Quantization methods, tensor math only: each takes (weight, LayerSpec, statistics, outlier mask) and returns a
-:class:`~sensiquant.format.QuantizedWeight`. ``RoundConfig`` (RTN / HQQ grids), ``GPTQConfig``; outlier selection."""
+:class:`~sensiquant.format.QuantizedWeight`. ``RoundConfig`` (RTN / HQQ grids), ``GPTQConfig``; outlier selection;
+block-output tuning of either's rounding (``SignRoundConfig``, run block by block by the pipeline)."""
 
 from .base import (
            STATISTICS,
@@ -14,9 +15,11 @@ from .gptq import GPTQConfig, gptq_quantize
 from .grid import fit_scale_zero
 from .outliers import SALIENCIES, OutlierConfig, saliency_scores, select_outliers, top_mask
 from .round import RoundConfig, quantize_weight
+from .signround import SignRoundConfig, sign_round, start_point
 
 MethodConfig = RoundConfig | GPTQConfig
 
 __all__ = ["SALIENCIES", "STATISTICS", "GPTQConfig", "LayerStats", "MethodConfig", "OutlierConfig", "RoundConfig",
-           "fit_scale_zero", "gptq_quantize", "method_from_dict", "method_name", "method_to_dict", "needed_statistics",
-           "quantize_layer", "quantize_weight", "saliency_scores", "select_outliers", "top_mask"]
+           "SignRoundConfig", "fit_scale_zero", "gptq_quantize", "method_from_dict", "method_name", "method_to_dict",
+           "needed_statistics", "quantize_layer", "quantize_weight", "saliency_scores", "select_outliers",
+           "sign_round", "start_point", "top_mask"]

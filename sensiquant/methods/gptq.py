@@ -64,12 +64,14 @@ def _quant_dequant(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmax: int)
 
 
 def gptq_solve(w: torch.Tensor, hessian: torch.Tensor, spec: LayerSpec, outlier_mask: torch.Tensor | None = None,
-               damp: float = 0.01, block_size: int = 128, act_order: bool = False
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The GPTQ pass itself: returns (w_final, scale, zero).
+               damp: float = 0.01, block_size: int = 128, act_order: bool = False, return_base: bool = False
+               ) -> tuple[torch.Tensor, ...]:
+    """The GPTQ pass itself: returns (w_final, scale, zero), and with ``return_base`` also ``base``.
 
     ``w_final`` (out, in) holds GPTQ's dequantized values, and at the outlier positions the exact (error-updated)
-    weights to keep in FP16; ``scale`` and ``zero`` (out, n_groups) are FP16-rounded values in float32.
+    weights to keep in FP16; ``scale`` and ``zero`` (out, n_groups) are FP16-rounded values in float32. ``base``
+    holds every column as it was just before it was rounded (the error-updated weights): rounding it to nearest
+    gives GPTQ's codes, so block tuning (``methods.signround``) can start from GPTQ's solution.
     """
     if w.dim() != 2:
         raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
@@ -122,6 +124,7 @@ def gptq_solve(w: torch.Tensor, hessian: torch.Tensor, spec: LayerSpec, outlier_
     Hinv = upper_cholesky_of_inverse(H, damp)
     del H
     Q = torch.zeros_like(W)
+    U = torch.zeros_like(W) if return_base else None
 
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
@@ -145,14 +148,18 @@ def gptq_solve(w: torch.Tensor, hessian: torch.Tensor, spec: LayerSpec, outlier_
             if has_mask:
                 q = torch.where(mask[:, col], wc, q)
             Q[:, col] = q
+            if U is not None:
+                U[:, col] = wc
             err = (wc - q) / Hinv1[i, i]
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
     if perm is not None:
-        Q = Q[:, torch.argsort(perm)]
-    return Q, scale, zero
+        inverse = torch.argsort(perm)
+        Q = Q[:, inverse]
+        U = None if U is None else U[:, inverse]
+    return (Q, scale, zero, U) if return_base else (Q, scale, zero)
 
 
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, spec: LayerSpec, outlier_mask: torch.Tensor | None = None,

@@ -12,6 +12,7 @@ from ..format.spec import LayerSpec
 from ..methods.base import method_from_dict, method_to_dict, needed_statistics
 from ..methods.outliers import OutlierConfig
 from ..methods.round import RoundConfig
+from ..methods.signround import SignRoundConfig
 from ..serialize import Config, coerce
 
 DEFAULT_SKIP = ("lm_head", "*embed*")  # name patterns left in full precision: the output head and the embeddings
@@ -29,12 +30,15 @@ class QuantConfig(Config):
     outliers: OutlierConfig = field(default_factory=OutlierConfig)
     calib: CalibConfig = field(default_factory=CalibConfig)
     sequential: bool = True  # methods that need input statistics calibrate block by block (GPTQ protocol)
+    # Block-output tuning of the method's rounding (SignRound); None: the method's solution as it is.
+    tuning: SignRoundConfig | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.method, dict):
             coerce(self, "method", method_from_dict(self.method))
         needed_statistics(self.method)  # a registered method config, or TypeError
-        for name, cls in (("default", LayerSpec), ("outliers", OutlierConfig), ("calib", CalibConfig)):
+        for name, cls in (("default", LayerSpec), ("outliers", OutlierConfig), ("calib", CalibConfig),
+                          ("tuning", SignRoundConfig)):
             if isinstance(getattr(self, name), dict):
                 coerce(self, name, cls.from_dict(getattr(self, name)))
         coerce(self, "overrides", {k: LayerSpec.from_dict(v) if isinstance(v, dict) else v
@@ -53,6 +57,11 @@ class QuantConfig(Config):
         specs = [self.default, *self.overrides.values()]
         outliers = self.outliers.needs if any(s.outlier_ratio > 0 for s in specs) else frozenset()
         return needed_statistics(self.method) | outliers
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the job reads calibration text at all (statistics, or block tuning)."""
+        return bool(self.needs) or self.tuning is not None
 
     def to_dict(self) -> dict[str, Any]:
         return {**super().to_dict(), "method": method_to_dict(self.method)}

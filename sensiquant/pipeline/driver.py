@@ -14,8 +14,10 @@ from ..calib import calibrate_sequentially, calibration_windows, find_block_list
 from ..errors import SensiquantError
 from ..methods.base import LayerStats, method_name, needed_statistics, quantize_layer
 from ..methods.outliers import select_outliers
+from ..methods.signround import TunableWeight, start_point
 from ..runtime.qlinear import QuantLinear
 from ..runtime.walk import find_linears, set_module
+from .blockwise import tune_blocks, tuning_batches
 from .config import QuantConfig
 from .report import LayerReport, QuantReport
 
@@ -53,7 +55,7 @@ def quantize_model(model: nn.Module, config: QuantConfig, tokenizer=None, progre
     extra: dict = {}
 
     windows = calib_batches
-    if windows is None and needs:
+    if windows is None and (needs or config.tuning is not None):
         if tokenizer is None:
             raise SensiquantError(f"{', '.join(sorted(needs))} need calibration text, and there is no tokenizer")
         windows = calibration_windows(tokenizer, config.calib)
@@ -66,7 +68,11 @@ def quantize_model(model: nn.Module, config: QuantConfig, tokenizer=None, progre
         extra.update(gradient_seconds=grads.seconds, calib_loss=grads.loss)
 
     # block by block for the method's input statistics; the saliency's always come from the full-precision model
-    blocks = find_block_list(model, list(layers)) if "hessian" in method_needs and config.sequential else None
+    tuned = config.tuning is not None
+    blocks = (find_block_list(model, list(layers)) if tuned or ("hessian" in method_needs and config.sequential)
+              else None)
+    if tuned and blocks is None:
+        raise SensiquantError("block tuning needs a model whose layers sit in a list of blocks (decoder layers)")
     in_blocks = [name for name in layers if blocks is not None and name.startswith(blocks[0] + ".")]
     one_pass = list(layers) if outlier_needs & _INPUT_STATS else [n for n in layers if n not in in_blocks]
     if needs & _INPUT_STATS and one_pass:
@@ -88,6 +94,10 @@ def quantize_model(model: nn.Module, config: QuantConfig, tokenizer=None, progre
                                      masks.get(name))
         except ValueError as exc:
             raise SensiquantError(f"{name}: {exc}") from exc
+        store(name, qweight)
+
+    def store(name: str, qweight) -> None:
+        layer = layers[name]
         bias = None if layer.bias is None else layer.bias.detach().clone()
         qlinear = QuantLinear.from_quantized(qweight, bias)
         set_module(model, name, qlinear)
@@ -97,7 +107,21 @@ def quantize_model(model: nn.Module, config: QuantConfig, tokenizer=None, progre
     rest = [name for name in layers if name not in in_blocks]
     for name in tqdm(rest, desc=method_name(config.method), disable=not progress or not rest):
         quantize_one(name, LayerStats(**stats[name]))
-    if in_blocks:
+    if in_blocks and tuned:
+        def tunable(name: str, hessian: torch.Tensor | None) -> TunableWeight:
+            try:
+                point = start_point(layers[name].weight, specs[name], config.method, hessian, masks.get(name))
+            except ValueError as exc:
+                raise SensiquantError(f"{name}: {exc}") from exc
+            stats.pop(name, None)
+            return TunableWeight(point, specs[name], config.tuning.tune_scale, config.tuning.scale_range)
+
+        if not isinstance(windows, torch.Tensor):
+            raise SensiquantError("block tuning calibrates on token windows, not on prepared input batches")
+        results = tune_blocks(model, blocks[0], blocks[1], tuning_batches(windows, config.tuning), in_blocks,
+                              tunable, store, config.tuning, "hessian" in method_needs, progress)
+        extra["tuning_loss"] = {str(i): [r.loss_start, min(r.loss_start, r.loss_end)] for i, r in results.items()}
+    elif in_blocks:
         def quantize_block(hessians: dict[str, torch.Tensor]) -> None:
             for name, h in hessians.items():
                 quantize_one(name, LayerStats(hessian=h))

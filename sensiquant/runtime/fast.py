@@ -11,7 +11,7 @@
   for bf16 layers (``INT4PACK_DTYPES``): PyTorch's fp32 and fp16 versions of the kernel are scalar code.
 * ``packed``: everything else when the C++ extension (``csrc/packed_kernels.cpp``) builds: the codes stay densely
   bit-packed with their stored number of bits (re-laid out per row in blocks of 32 codes; groups whose width is
-  not a multiple of 32 are zero-padded), scales/zeros and outliers stay exactly as stored (FP16, or the 8-bit
+  not a multiple of 32 are zero-padded), scales/zeros and CSR outliers stay exactly as stored (FP16, or the 8-bit
   ``quant_meta`` codes decoded per row in the kernel). Decode (at most ``GEMV_MAX_ROWS`` rows of x) runs a fused
   unpack-and-multiply, ``y[n] = sum_g scale[n,g] * (sum_k q[n,k] x[k] - zero[n,g] * sum_k x[k])`` accumulated
   in fp32 (AVX-512 FMAs; for bf16 x and 2-4-bit codes AVX512-BF16 dot products of exact bf16 codes and x, whose
@@ -19,8 +19,12 @@
   into a temporary weight in x's dtype and calls ``F.linear``.
 * ``dequant``: the pure PyTorch fallback when the extension is missing: stored tensors, dequantize, ``F.linear``.
 
-FP16 outliers stay exact: the packed kernel adds ``(outlier - replaced code value) * x`` per outlier; the int4pack
-path stores that difference (fp32) as a CSR matrix and adds ``x @ delta^T`` after the kernel.
+Outliers are applied exactly as the reference has them: the packed kernel adds ``(outlier - replaced code value)
+* x`` per outlier; the int4pack path stores that difference (fp32) as a CSR matrix and adds ``x @ delta^T`` after
+the kernel. Block outliers (``outlier_format="block"``) are converted once, at conversion, into CSR with their
+exact values in fp32 (``(q - zero) * scale + residual code * residual scale``, see
+:meth:`QuantizedWeight.csr_outliers`), which both kernels then take like FP16 CSR outliers: the numerics of the
+reference, at the memory of fp32 CSR instead of the stored blocks.
 
 The extension is built and loaded by :mod:`sensiquant.runtime.extension`; the layouts live in
 :mod:`sensiquant.runtime.layout`.
@@ -35,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..format import groups
+from ..format.accounting import outlier_bits
 from ..format.qweight import QuantizedWeight
 from .extension import build_extension, extension_available, extension_error, extension_loaded
 from .layout import group_widths, int4pack_available, kernel_group, to_kernel_layout
@@ -84,8 +89,8 @@ def _stored_bytes(qlinear: QuantLinear) -> int:
 def _int4pack_bytes(qlinear: QuantLinear, kgroup: int, dtype: torch.dtype) -> int:
     n, k = qlinear.out_features, qlinear.in_features
     total = n * k // 2 + (k // kgroup) * n * 2 * torch.tensor([], dtype=dtype).element_size()
-    if qlinear.n_outliers:
-        total += qlinear.n_outliers * 4 + _nbytes(qlinear.outlier_col_idx) + _nbytes(qlinear.outlier_row_ptr)
+    if qlinear.n_outliers:  # CSR corrections with fp32 values (2 bytes more than FP16), whatever the stored format
+        total += outlier_bits((n, k), qlinear.n_outliers) // 8 + 2 * qlinear.n_outliers
     return total
 
 
@@ -156,13 +161,14 @@ class FastQuantLinear(nn.Module):
         zero = torch.repeat_interleave(qw.zero, reps, dim=1)
         meta = torch.stack([scale.t(), ((8 - zero) * scale).t()], dim=-1)  # (K / kgroup, N, 2)
         self.register_buffer("scales_zeros", meta.to(self.dtype).contiguous())
-        if qw.outliers is not None and qw.outliers.nnz:
-            rows, cols = qw.outliers.rows(), qw.outliers.col_idx.long()
+        csr = qw.csr_outliers()
+        if csr is not None:
+            rows, cols = csr.rows(), csr.col_idx.long()
             g = torch.clamp(cols // self.group, max=qw.scale.shape[1] - 1)
             replaced = (qw.codes[rows, cols].float() - qw.zero[rows, g]) * qw.scale[rows, g]
-            self.register_buffer("delta_values", qw.outliers.values.float() - replaced)
-            self.register_buffer("delta_col", qw.outliers.col_idx.contiguous())
-            self.register_buffer("delta_ptr", qw.outliers.row_ptr.contiguous())
+            self.register_buffer("delta_values", csr.values.float() - replaced)
+            self.register_buffer("delta_col", csr.col_idx.contiguous())
+            self.register_buffer("delta_ptr", csr.row_ptr.contiguous())
         else:
             self.delta_values = self.delta_col = self.delta_ptr = None
         if self.delta_values is not None or self.bias is not None:
@@ -179,9 +185,11 @@ class FastQuantLinear(nn.Module):
         for prefix in ("scale", "zero"):
             for suffix in (("_q", "_qscale", "_qzero") if self.meta_group else ("",)):
                 self.register_buffer(prefix + suffix, stored[prefix + suffix].contiguous())
-        for name in ("outlier_values", "outlier_col_idx", "outlier_row_ptr"):
-            if name in stored:
-                self.register_buffer(name, stored[name].contiguous())
+        csr = qw.csr_outliers()  # the stored CSR tensors themselves, or block outliers converted (fp32 values)
+        values = (None, None, None) if csr is None else (csr.values, csr.col_idx, csr.row_ptr)
+        for name, value in zip(("outlier_values", "outlier_col_idx", "outlier_row_ptr"), values, strict=True):
+            if value is not None:
+                self.register_buffer(name, value.contiguous())
             else:
                 setattr(self, name, None)
 

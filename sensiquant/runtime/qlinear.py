@@ -1,4 +1,5 @@
-"""QuantLinear: a drop-in nn.Linear whose weight lives as packed codes, scales/zeros and sparse FP16 outliers."""
+"""QuantLinear: a drop-in nn.Linear whose weight lives as packed codes, scales/zeros and sparse outliers (CSR or
+block)."""
 
 from __future__ import annotations
 
@@ -39,7 +40,10 @@ class QuantLinear(nn.Module):
 
     @property
     def n_outliers(self) -> int:
-        return int(self.outlier_values.numel()) if "outlier_values" in self.tensor_names else 0
+        for name in ("outlier_values", "outlier_offsets"):  # CSR values, or block offsets: one per outlier
+            if name in self.tensor_names:
+                return int(getattr(self, name).numel())
+        return 0
 
     def storage_bits(self) -> int:
         return storage_bits((self.out_features, self.in_features), self.spec, self.n_outliers)

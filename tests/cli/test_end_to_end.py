@@ -88,9 +88,29 @@ def test_cli_quantize_and_eval(tiny_llama, text_file, tmp_path, capsys):
     (["eval", "TINY", "--ppl", "TEXT", "--seqlen", "100000"], "shorter than one window"),
     (["eval", "TINY", "--ppl", "wikitext2", "--data-dir", "/no/such/dir"], "data directory not found"),
     (["eval", "TINY", "--ppl", "nosuchset"], "unknown dataset"),
+    (["quantize", "TINY", "--preset", "best", "--method", "gwq"], "either --preset or --method"),
+    (["quantize", "TINY", "--method", "gptq", "--tune-iters", "3"], "--tune-iters applies only with block tuning"),
+    (["quantize", "TINY", "--preset", "best", "--no-tune", "--tune-dtype", "bfloat16"], "applies only with block"),
+    (["quantize", "TINY", "--outlier-format", "dense"], "invalid choice"),
 ])
 def test_cli_errors_are_one_line(tiny_llama, text_file, capsys, argv, message):
     argv = [str(tiny_llama) if a == "TINY" else str(text_file) if a == "TEXT" else a for a in argv]
     assert main(argv + ["--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_cli_preset_best_tunes_and_stores_block_outliers(tiny_llama, text_file, tmp_path, capsys):
+    out = tmp_path / "best"
+    rc = main(["quantize", str(tiny_llama), "--preset", "best", "--tune-iters", "2", "--calib", str(text_file),
+               "--calib-samples", "2", "--calib-seqlen", "256", "--out", str(out), "--json", "--quiet"])
+    assert rc == 0
+    q = json.loads(capsys.readouterr().out)
+    assert q["preset"] == "best" and q["tuned"] and q["n_outliers"] > 0
+    assert q["spec"]["outlier_format"] == "block"
+    manifest = read_manifest(out)
+    config = QuantConfig.from_dict(manifest["config"])
+    assert config.tuning is not None and config.tuning.iters == 2
+    assert config.calib.samples == 2 and config.default.outlier_format == "block"
+    loaded, _ = load_quantized(out, verify=True)
+    assert sum(isinstance(m, QuantLinear) for m in loaded.modules()) == 14

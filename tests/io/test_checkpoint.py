@@ -373,3 +373,140 @@ def test_not_a_directory(tmp_path):
     _fails(tmp_path / "nothing", "not a directory", loader=load_quantized)
     with pytest.raises(SensiquantError, match="not a directory"):
         verify_checkpoint(tmp_path / "nothing")
+
+
+# ---------------------------------------------------------------------------------------------- block outliers
+
+
+BLOCK_LAYER = "model.layers.0.self_attn.q_proj"
+
+
+@pytest.fixture(scope="module")
+def block_checkpoint(tiny_llama, tmp_path_factory):
+    """Block outliers everywhere but the down projections (CSR): (path, logits of the model that was saved)."""
+    import sensiquant as sq
+    from sensiquant.methods.outliers import OutlierConfig
+
+    spec = sq.LayerSpec(grid="rtn", bits=4, group_size=32, outlier_ratio=0.02, outlier_format="block")
+    config = sq.QuantConfig(default=spec, overrides={f"model.layers.{i}.mlp.down_proj": spec.replace(
+        grid="hqq", bits=3, group_size=64, quant_meta=True, outlier_format="csr") for i in range(2)},
+        outliers=OutlierConfig("magnitude"))
+    out = tmp_path_factory.mktemp("block") / "ckpt"
+    model, _, report = sq.api.quantize(str(tiny_llama), config, out_dir=out, progress=False)
+    return out, logits(model), report
+
+
+@pytest.fixture
+def block_ckpt(block_checkpoint, tmp_path):
+    return shutil.copytree(block_checkpoint[0], tmp_path / "block")
+
+
+def test_block_outliers_save_load_and_verify(block_checkpoint):
+    path, saved_logits, report = block_checkpoint
+    header = read_safetensors_header(path / WEIGHTS)
+    manifest = read_manifest(path)
+    layer = manifest["layers"][BLOCK_LAYER]
+    assert layer["spec"]["outlier_format"] == "block" and layer["n_outliers"] > 0
+    assert {f"{BLOCK_LAYER}.outlier_{leaf}" for leaf in ("counts", "offsets", "codes", "scale")} <= set(header.tensors)
+    assert not any(name.startswith(BLOCK_LAYER + ".outlier_values") for name in header.tensors)
+    assert "model.layers.0.mlp.down_proj.outlier_values" in header.tensors  # CSR beside block in one checkpoint
+    assert verify_checkpoint(path)["sha256_ok"] is True
+    model, _ = load_quantized(path, verify=True)
+    assert torch.equal(logits(model), saved_logits)
+    layer = model.get_submodule(BLOCK_LAYER)
+    assert layer.spec.outlier_format == "block" and layer.n_outliers == report.layers[BLOCK_LAYER].n_outliers
+    # the accounting: cheaper than the same outliers in CSR
+    csr = layer.spec.replace(outlier_format="csr")
+    from sensiquant.format import storage_bits
+
+    assert layer.storage_bits() < storage_bits((layer.out_features, layer.in_features), csr, layer.n_outliers)
+
+
+def test_manifests_without_outlier_format_read_as_csr(ckpt, reference):
+    def strip(manifest):
+        for entry in manifest["layers"].values():
+            entry["spec"].pop("outlier_format", None)
+        for spec in (manifest["config"]["default"], *manifest["config"]["overrides"].values()):
+            spec.pop("outlier_format", None)
+    edit_manifest(ckpt, strip)
+    resign(ckpt)
+    model, _ = load_quantized(ckpt, verify=True)
+    assert torch.equal(logits(model), reference["A"])
+    assert all(m.spec.outlier_format == "csr" for m in model.modules() if hasattr(m, "spec"))
+
+
+def _edit_tensor(path, name, edit):
+    """Change one stored tensor's values in place (same dtype and shape), then redo every checksum."""
+    header, body = read_raw_safetensors(path / WEIGHTS)
+    begin, end = header[name]["data_offsets"]
+    dtype = {"U8": torch.uint8, "I8": torch.int8, "F16": torch.float16}[header[name]["dtype"]]
+    tensor = torch.frombuffer(bytearray(body[begin:end]), dtype=dtype).clone()
+    edit(tensor)
+    write_raw_safetensors(path / WEIGHTS, header, body[:begin] + tensor.numpy().tobytes() + body[end:])
+    resign(path)
+
+
+def _first_block_with(tensor, at_least):
+    return int(torch.nonzero(tensor.long() >= at_least)[0])
+
+
+def _swap_two_offsets(offsets):
+    offsets[0], offsets[1] = int(offsets[1]), int(offsets[0])
+
+
+@pytest.mark.parametrize("leaf, edit, needle", [
+    ("counts", lambda t: t.__setitem__(_first_block_with(t, 1), int(t[_first_block_with(t, 1)]) - 1),
+     "outlier block counts add up to"),
+    ("counts", lambda t: t.__setitem__(0, int(t[0]) + 1), "outlier block counts add up to"),
+    ("offsets", lambda t: t.fill_(0), "do not ascend within their blocks"),
+    ("scale", lambda t: t.fill_(float("inf")), "is not a finite positive number"),
+    ("scale", lambda t: t.fill_(float("nan")), "is not a finite positive number"),
+    ("scale", lambda t: t.fill_(0.0), "is not a finite positive number"),
+    ("scale", lambda t: t.fill_(-0.5), "is not a finite positive number"),
+])
+def test_block_outlier_corruption_is_caught_at_load(block_ckpt, leaf, edit, needle):
+    _edit_tensor(block_ckpt, f"{BLOCK_LAYER}.outlier_{leaf}", edit)
+    _fails(block_ckpt, BLOCK_LAYER, needle)
+    with pytest.raises(SensiquantError, match=needle):
+        verify_checkpoint(block_ckpt)
+
+
+def test_swapped_block_offsets_are_caught(block_ckpt):
+    header, body = read_raw_safetensors(block_ckpt / WEIGHTS)
+    assert body[header[f"{BLOCK_LAYER}.outlier_counts"]["data_offsets"][0]] >= 2  # two offsets of block 0 to swap
+    _edit_tensor(block_ckpt, f"{BLOCK_LAYER}.outlier_offsets", _swap_two_offsets)
+    _fails(block_ckpt, BLOCK_LAYER, "do not ascend within their blocks")
+
+
+def test_block_offsets_past_the_matrix_end_are_caught():
+    from sensiquant.format import LayerSpec
+    from sensiquant.pipeline.report import LayerReport
+
+    spec = LayerSpec(bits=3, outlier_ratio=0.01, outlier_format="block")
+    layer = LayerReport((10, 77), spec, 0, 2)  # 770 weights: the last block of 255 holds positions 765-769 only
+    tensors = {"outlier_counts": torch.tensor([0, 0, 1, 1], dtype=torch.uint8),
+               "outlier_offsets": torch.tensor([5, 1], dtype=torch.uint8),
+               "outlier_codes": torch.tensor([3, -4], dtype=torch.int8),
+               "outlier_scale": torch.tensor([0.01], dtype=torch.float16)}
+    checkpoint._check_outliers("m", tensors, layer, WEIGHTS)  # 515 and 766: inside
+    tensors["outlier_offsets"][1] = 5  # 770: one past the end
+    with pytest.raises(SensiquantError, match="fall outside the 10x77 matrix"):
+        checkpoint._check_outliers("m", tensors, layer, WEIGHTS)
+
+
+def test_outlier_format_changed_in_the_manifest_is_caught(block_ckpt):
+    def to_csr(manifest):
+        manifest["layers"][BLOCK_LAYER]["spec"]["outlier_format"] = "csr"
+    edit_manifest(block_ckpt, to_csr)
+    _fails(block_ckpt, BLOCK_LAYER, "stored bits")
+    edit_manifest(block_ckpt, lambda m: m["layers"][BLOCK_LAYER].update(bits=_csr_bits(m["layers"][BLOCK_LAYER])))
+    resign(block_ckpt)
+    _fails(block_ckpt, BLOCK_LAYER, "has no outlier_values tensor")
+    edit_manifest(block_ckpt, lambda m: m["layers"][BLOCK_LAYER]["spec"].update(outlier_format="coo"))
+    _fails(block_ckpt, BLOCK_LAYER, "unknown outlier format 'coo'")
+
+
+def _csr_bits(layer):
+    from sensiquant.format import LayerSpec, storage_bits
+
+    return storage_bits(tuple(layer["shape"]), LayerSpec.from_dict(layer["spec"]), layer["n_outliers"])

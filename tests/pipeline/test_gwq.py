@@ -128,8 +128,8 @@ def test_cli_gwq_defaults_are_the_best_measured_setting(tiny_llama, text_file, t
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     spec = out["spec"]
-    assert (spec["grid"], spec["bits"], spec["group_size"], spec["quant_meta"], spec["outlier_ratio"]) == \
-        ("hqq", 3, 64, True, 0.0099)
+    assert (spec["grid"], spec["bits"], spec["group_size"], spec["quant_meta"], spec["outlier_ratio"],
+            spec["outlier_format"]) == ("hqq", 3, 64, True, 0.019, "block")
     config = gwq()
     assert isinstance(config.method, GPTQConfig) and config.method.act_order and config.default == GWQ_SPEC
     assert config.outliers.saliency == "grad" and config.outliers.scope == "matrix"

@@ -29,13 +29,13 @@ HAS_EXT = kernels.extension_available()
 needs_ext = pytest.mark.skipif(not HAS_EXT, reason=f"C++ extension unavailable: {kernels.extension_error()}")
 
 
-def _layer(out_f, in_f, bits, group, quant_meta=False, outliers=0.0, bias=True, seed=0):
+def _layer(out_f, in_f, bits, group, quant_meta=False, outliers=0.0, bias=True, seed=0, outlier_format="csr"):
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(out_f, in_f, generator=gen)
     mask = (torch.rand(out_f, in_f, generator=gen) < outliers) if outliers else None
     if mask is not None:
         w[mask] *= 8  # outliers are large weights
-    spec = LayerSpec(grid="rtn", bits=bits, group_size=group, quant_meta=quant_meta)
+    spec = LayerSpec(grid="rtn", bits=bits, group_size=group, quant_meta=quant_meta, outlier_format=outlier_format)
     qw = quantize_weight(w, spec, outlier_mask=mask)
     return QuantLinear.from_quantized(qw, torch.randn(out_f, generator=gen) if bias else None)
 
@@ -159,10 +159,10 @@ def test_memory_is_the_stored_bits(bits, group, quant_meta, outliers):
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("group", [32, 64, 128, 80])  # in=192: 128 leaves a tail of 64, 80 a tail of 32
-@pytest.mark.parametrize("outliers", [0.0, 0.03])
+@pytest.mark.parametrize("outliers, outlier_format", [(0.0, "csr"), (0.03, "csr"), (0.03, "block")])
 @pytest.mark.parametrize("quant_meta", [False, True])
-def test_every_path_matches_the_reference(bits, group, outliers, quant_meta):
-    q = _layer(48, 192, bits, group, quant_meta, outliers)
+def test_every_path_matches_the_reference(bits, group, outliers, outlier_format, quant_meta):
+    q = _layer(48, 192, bits, group, quant_meta, outliers, outlier_format=outlier_format)
     for path in _paths(q):
         f = FastQuantLinear.from_quant_linear(q, dtype=torch.float32, path=path)
         assert f.path == path
@@ -173,9 +173,9 @@ def test_every_path_matches_the_reference(bits, group, outliers, quant_meta):
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("out_f, in_f, group", [(40, 96, 32), (17, 100, None), (17, 70, 20), (32, 576, 128)])
-@pytest.mark.parametrize("outliers", [0.0, 0.05])
-def test_odd_shapes(bits, out_f, in_f, group, outliers):
-    q = _layer(out_f, in_f, bits, group, quant_meta=bits == 3, outliers=outliers)
+@pytest.mark.parametrize("outliers, outlier_format", [(0.0, "csr"), (0.05, "csr"), (0.05, "block")])
+def test_odd_shapes(bits, out_f, in_f, group, outliers, outlier_format):
+    q = _layer(out_f, in_f, bits, group, quant_meta=bits == 3, outliers=outliers, outlier_format=outlier_format)
     for dtype in (torch.float32, torch.bfloat16):
         f = FastQuantLinear.from_quant_linear(q, dtype=dtype, widen=True)
         assert f.path in _paths(q)
@@ -197,12 +197,14 @@ def test_packed_dequantize_is_bit_exact_and_prefill_equals_reference(bits):
 
 @needs_ext
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("group, quant_meta, outliers", [(64, False, 0.0), (80, True, 0.05), (None, False, 0.03)])
-def test_packed_bf16_decode_rounds_once(bits, group, quant_meta, outliers):
+@pytest.mark.parametrize("group, quant_meta, outliers, outlier_format",
+                         [(64, False, 0.0, "csr"), (80, True, 0.05, "csr"), (None, False, 0.03, "csr"),
+                          (64, True, 0.05, "block")])
+def test_packed_bf16_decode_rounds_once(bits, group, quant_meta, outliers, outlier_format):
     """The packed kernel computes bf16 x in fp32 (bf16 dot products of exact codes for 2-4 bits) and rounds once:
     within u_bf16 * (|y| + |bias|) (output and bias rounding) of the reference plus the fp32 bound, a far
     tighter check than the generic bf16 bound."""
-    q = _layer(48, 192, bits, group, quant_meta, outliers)
+    q = _layer(48, 192, bits, group, quant_meta, outliers, outlier_format=outlier_format)
     f = FastQuantLinear.from_quant_linear(q, dtype=torch.bfloat16, path="packed")
     x = torch.randn(4, 192).bfloat16()
     for rows in (1, 2, 3, 4):
@@ -277,6 +279,76 @@ def test_casting_the_module_keeps_kernel_buffers():
         assert {name: b.dtype for name, b in f.named_buffers()} == before
         assert f.bias.dtype == torch.float16
         _check(f, q, [(1, 1)], torch.float16, tol_dtype=torch.bfloat16)  # int4pack metadata stays bf16-rounded
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# block outliers: converted to CSR with exact fp32 values at conversion, the same bounds
+
+
+def _block(out_f, in_f, bits, group, quant_meta=False, outliers=0.03, bias=True, seed=0):
+    q = _layer(out_f, in_f, bits, group, quant_meta, outliers, bias, seed, outlier_format="block")
+    assert "outlier_offsets" in q.tensor_names and q.n_outliers > 0
+    return q
+
+
+@needs_ext
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_block_outliers_packed_dequantize_is_bit_exact(bits):
+    q = _block(48, 192, bits, 80, quant_meta=bits != 8, outliers=0.05)
+    f = FastQuantLinear.from_quant_linear(q, dtype=torch.float32, path="packed")
+    assert f.outlier_values.dtype == torch.float32 and f.outlier_values.numel() == q.n_outliers
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert torch.equal(f.dequantize(dtype), q.dequantize(dtype))
+    x = torch.randn(2, 7, 192)  # prefill: dequantize + F.linear, the reference's own computation
+    with torch.no_grad():
+        assert torch.equal(f(x), q(x))
+        assert torch.equal(f(x.bfloat16()), q(x.bfloat16()))
+    previous = torch.ops.sensiquant.set_generic(True)
+    try:
+        assert torch.equal(f.dequantize(), q.dequantize())
+        x = torch.randn(3, 192)
+        with torch.no_grad():
+            generic = f(x)
+    finally:
+        torch.ops.sensiquant.set_generic(previous)
+    assert bool(((generic - _reference(x, q)).abs() <= _tolerance(x, q, torch.float32)).all())
+
+
+def test_block_outliers_int4pack_and_fallbacks(monkeypatch):
+    q = _block(48, 192, 4, 128, outliers=0.03)
+    f = FastQuantLinear.from_quant_linear(q, dtype=torch.float32, path="int4pack")
+    assert bool(((f.dequantize() - q.dequantize()).abs() <= 4 * 2.0 ** -24 * _magnitudes(q)).all())
+    monkeypatch.setitem(kernels._ext_state, "info", None)  # corrections through PyTorch ops
+    _check(f, q, [(1, 1), (2, 5)], torch.float32)
+    monkeypatch.setattr(fast, "extension_available", lambda: False)
+    q = _block(40, 96, 3, 32, quant_meta=True, outliers=0.05)
+    d = FastQuantLinear.from_quant_linear(q, dtype=torch.float32)
+    assert d.path == "dequant" and d.weight_bytes() * 8 == q.storage_bits()
+    _check(d, q, [(1, 1), (2, 5)], torch.float32)
+
+
+@pytest.mark.parametrize("bits, group, quant_meta", [(4, 64, False), (3, 64, True), (2, 32, False), (8, 128, False)])
+def test_block_outliers_memory(bits, group, quant_meta):
+    q = _block(48, 192, bits, group, quant_meta, outliers=0.02, bias=False)
+    stored = q.stored_tensors()
+    stored_bytes = sum(t.numel() * t.element_size() for t in stored.values())
+    assert stored_bytes * 8 == q.storage_bits()
+    csr = _layer(48, 192, bits, group, quant_meta, 0.02, bias=False)
+    assert csr.n_outliers == q.n_outliers and q.storage_bits() < csr.storage_bits()
+    block_bytes = sum(t.numel() * t.element_size() for name, t in stored.items() if name.startswith("outlier_"))
+    csr_bytes = sum(t.numel() * t.element_size() for name, t in csr.stored_tensors().items()
+                    if name.startswith("outlier_"))
+    for path in _paths(q):
+        f = FastQuantLinear.from_quant_linear(q, dtype=torch.bfloat16, path=path)
+        if path == "dequant":
+            assert f.weight_bytes() == stored_bytes  # as stored
+        if path == "packed":  # the blocks held as CSR with fp32 values: FP16 CSR + 2 bytes per outlier
+            g = FastQuantLinear.from_quant_linear(csr, dtype=torch.bfloat16, path=path)
+            assert f.weight_bytes() == g.weight_bytes() + 2 * q.n_outliers
+            assert f.weight_bytes() == stored_bytes - block_bytes + csr_bytes + 2 * q.n_outliers
+        if path == "int4pack":  # the same fp32 corrections as a CSR layer
+            g = FastQuantLinear.from_quant_linear(csr, dtype=torch.bfloat16, path=path)
+            assert f.weight_bytes() == g.weight_bytes()
 
 
 @needs_ext

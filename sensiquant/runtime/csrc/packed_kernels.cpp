@@ -11,7 +11,8 @@
 //           (bit i = high bit of c[i]) in bytes 8..11
 // Scales and zeros stay as stored: FP16 (out, n_groups), or 8-bit codes with an FP16 scale and zero per
 // ``meta_group`` consecutive entries of the flattened (out, n_groups) matrix (decoded per row, exactly as
-// sensiquant.quant.affine._decode_meta does). FP16 outliers (CSR) replace the dequantized weight at their place.
+// sensiquant.quant.affine._decode_meta does). Outliers (CSR, FP16 values or fp32 ones converted from block
+// outliers) replace the dequantized weight at their place.
 //
 // Ops (namespace torch.ops.sensiquant):
 //   packed_gemv(x (M, K), ...)   y = x @ W^T (+ bias), for small M (decode): per output row and group,
@@ -171,8 +172,11 @@ Index make_index(const at::Tensor& t) {
 }
 
 struct Outliers {
-  const at::Half* values = nullptr;  // nullptr: none
+  const at::Half* values = nullptr;  // FP16 values as stored, or
+  const float* values32 = nullptr;   // fp32 values (block outliers converted to CSR); both nullptr: none
   Index col, ptr;
+  inline bool any() const { return values != nullptr || values32 != nullptr; }
+  inline float value(int64_t j) const { return values != nullptr ? half_to_float(values[j]) : values32[j]; }
 };
 
 Outliers make_outliers(const std::optional<at::Tensor>& values, const std::optional<at::Tensor>& col,
@@ -180,9 +184,14 @@ Outliers make_outliers(const std::optional<at::Tensor>& values, const std::optio
   Outliers o;
   if (!values.has_value() || !values->defined() || values->numel() == 0) return o;
   TORCH_CHECK(col.has_value() && ptr.has_value(), "outliers need column indices and row pointers");
-  TORCH_CHECK(values->scalar_type() == at::kHalf && values->is_contiguous(), "FP16 outlier values expected");
+  TORCH_CHECK((values->scalar_type() == at::kHalf || values->scalar_type() == at::kFloat) && values->is_contiguous(),
+              "FP16 or fp32 outlier values expected");
   TORCH_CHECK(ptr->numel() == N + 1 && col->numel() == values->numel(), "bad CSR outlier shapes");
-  o.values = values->data_ptr<at::Half>();
+  if (values->scalar_type() == at::kHalf) {
+    o.values = values->data_ptr<at::Half>();
+  } else {
+    o.values32 = values->data_ptr<float>();
+  }
   o.col = make_index(*col);
   o.ptr = make_index(*ptr);
   return o;
@@ -326,14 +335,14 @@ struct GemvCtx {
       for (int64_t g = 0; g < geo.G; ++g) corr += s[g] * z[g] * xs[g];
       acc[m] -= corr;
     }
-    if (out.values != nullptr) {
+    if (out.any()) {
       for (int64_t j = out.ptr[n], e = out.ptr[n + 1]; j < e; ++j) {
         const int64_t k = out.col[j];
         const int64_t g = std::min(k / geo.gs, geo.G - 1);
         const int64_t pos = geo.block_start(g) * kBlock + (k - g * geo.gs);
         const int q = code_at<BITS>(row + (pos / kBlock) * 4 * BITS, static_cast<int>(pos % kBlock));
         const float replaced = (static_cast<float>(q) - z[g]) * s[g];
-        const float delta = half_to_float(out.values[j]) - replaced;
+        const float delta = out.value(j) - replaced;
         for (int m = 0; m < MM; ++m) {
           acc[m] += delta * (xp16 != nullptr ? static_cast<float>(xp16[m * Kp + pos]) : xp[m * Kp + pos]);
         }
@@ -659,9 +668,9 @@ void dequant_rows(const Geometry& geo, const uint8_t* codes, int64_t row_bytes, 
         for (int64_t i = 0; i < cnt; ++i) dst[i0 + i] = static_cast<T>((static_cast<float>(q[i]) - z[g]) * s[g]);
       }
     }
-    if (out.values != nullptr) {
+    if (out.any()) {
       for (int64_t j = out.ptr[n], e = out.ptr[n + 1]; j < e; ++j) {
-        wr[out.col[j]] = static_cast<T>(half_to_float(out.values[j]));
+        wr[out.col[j]] = static_cast<T>(out.value(j));
       }
     }
   }

@@ -1,0 +1,83 @@
+"""Block by block quantization with block-output tuning (:mod:`sensiquant.methods.signround`).
+
+Two streams of calibration activations go through the decoder blocks: the full-precision model's and the quantized
+model's. For each block: its full-precision output on the full-precision stream is the target; its layers start
+from the method's solution (GPTQ on the Hessians of the quantized stream, or round to nearest); their rounding is
+tuned so the block's output on the quantized stream matches the target; the tuned layers are stored, and the
+quantized block produces the next block's quantized stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..calib.sequential import block_hessians, capture_block_inputs, with_hidden
+from ..format.qweight import QuantizedWeight
+from ..methods.signround import SignRoundConfig, TunableWeight, TunedLinear, TuneResult, sign_round
+from ..runtime.walk import set_module
+
+
+def tuning_batches(windows: torch.Tensor, config: SignRoundConfig) -> list[dict]:
+    """Calibration windows (n, seqlen) cut into samples of ``config.seqlen`` tokens, in batches of
+    ``config.batch_size`` samples (model keyword arguments)."""
+    n, seqlen = windows.shape
+    length = min(config.seqlen, seqlen)
+    samples = windows[:, : seqlen // length * length].reshape(-1, length)
+    return [{"input_ids": samples[i:i + config.batch_size]} for i in range(0, samples.shape[0], config.batch_size)]
+
+
+def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _call(block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+    out = block(*args, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def tune_blocks(model: nn.Module, prefix: str, blocks: nn.ModuleList, batches: list[dict], layer_names: list[str],
+                start: Callable[[str, torch.Tensor | None], TunableWeight],
+                finish: Callable[[str, QuantizedWeight], None], config: SignRoundConfig, need_hessian: bool,
+                progress: bool = True) -> dict[int, TuneResult]:
+    """Quantize and tune the layers ``layer_names`` of every block. ``start(name, hessian)`` builds a layer's
+    tunable start (the Hessian of its quantized-stream inputs when ``need_hessian``); ``finish(name, qweight)``
+    swaps the tuned layer into the model. Returns each block's tuning losses."""
+    results: dict[int, TuneResult] = {}
+    grad_flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.requires_grad_(False)
+    try:
+        with torch.no_grad():
+            inputs = capture_block_inputs(model, blocks[0], batches)
+        fp = [_hidden(a, k) for a, k in inputs]
+        bar = tqdm(blocks, desc="tuned blocks", disable=not progress)
+        for i, block in enumerate(bar):
+            names = [n for n in layer_names if n.startswith(f"{prefix}.{i}.")]
+            with torch.no_grad():
+                targets = [_call(block, *with_hidden(a, k, h)) for h, (a, k) in zip(fp, inputs)]
+                hessians = block_hessians(model, block, inputs, names) if need_hessian and names else {}
+            if names:
+                tunables = {}
+                for n in names:
+                    layer = model.get_submodule(n)
+                    tunables[n] = start(n, hessians.pop(n, None))
+                    set_module(model, n, TunedLinear(tunables[n], layer.bias))
+
+                def run(j: int, block=block, inputs=inputs) -> torch.Tensor:
+                    return _call(block, *inputs[j])
+
+                with torch.enable_grad():
+                    results[i] = sign_round(list(tunables.values()), run, targets, config)
+                bar.set_postfix(loss=f"{min(results[i].loss_start, results[i].loss_end):.3g}")
+                for n, t in tunables.items():
+                    finish(n, t.finalize())
+            with torch.no_grad():
+                inputs = [with_hidden(a, k, _call(block, a, k)) for a, k in inputs]
+            fp = targets
+    finally:
+        for p, flag in grad_flags:
+            p.requires_grad_(flag)
+    return results
