@@ -153,7 +153,8 @@ def _decode_meta(stored: dict[str, torch.Tensor], shape: tuple[int, int], spec: 
     return groups.merge_groups(values).reshape(shape)
 
 
-def _store(x: torch.Tensor, spec: LayerSpec) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def store_meta(x: torch.Tensor, spec: LayerSpec) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """A scale or zero tensor as stored (its tensors) and as read back (the values every code is computed against)."""
     stored = _encode_meta(x, spec)
     return stored, _decode_meta(stored, tuple(x.shape), spec)
 
@@ -253,8 +254,8 @@ def encode(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: Layer
            outlier_mask: torch.Tensor | None = None) -> QuantizedWeight:
     """Store scale/zero at their storage precision, then compute codes against the stored values; outliers (where
     ``outlier_mask`` is set) in ``spec.outlier_format``, block residuals against those codes and stored values."""
-    stored_scale, scale_s = _store(scale, spec)
-    stored_zero, zero_s = _store(zero, spec)
+    stored_scale, scale_s = store_meta(scale, spec)
+    stored_zero, zero_s = store_meta(zero, spec)
     qmax = 2**spec.bits - 1
     pieces = groups.split_groups(w.float(), spec.group_size)
     codes = groups.merge_groups(

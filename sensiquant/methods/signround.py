@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import SensiquantError
 from ..format import groups
-from ..format.qweight import MIN_SCALE, QuantizedWeight, _store, encode
+from ..format.qweight import MIN_SCALE, QuantizedWeight, encode, store_meta
 from ..format.spec import LayerSpec
 from ..serialize import Config
 from .gptq import GPTQConfig, gptq_solve
@@ -106,14 +106,19 @@ class TunableWeight(nn.Module):
         self.ds = nn.Parameter(torch.zeros_like(self.scale0), requires_grad=tune_scale)
         self.dz = nn.Parameter(torch.zeros_like(self.zero0), requires_grad=tune_scale)
 
-    def scale_zero(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Current (scale, zero) as stored (straight-through the storage rounding), (out, n_groups) each."""
+    def _fitted(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Current (scale, zero) before storage rounding (integer zeros where the spec keeps them)."""
         s = (self.scale0 * (1 + self.ds)).clamp_min(MIN_SCALE)
         z = self.zero0 + self.dz
         if self.spec.round_zero and not self.spec.quant_meta:
             z = _round_ste(z)
-        s = s + (_store(s.detach(), self.spec)[1] - s).detach()
-        z = z + (_store(z.detach(), self.spec)[1] - z).detach()
+        return s, z
+
+    def scale_zero(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Current (scale, zero) as stored (straight-through the storage rounding), (out, n_groups) each."""
+        s, z = self._fitted()
+        s = s + (store_meta(s.detach(), self.spec)[1] - s).detach()
+        z = z + (store_meta(z.detach(), self.spec)[1] - z).detach()
         return s, z
 
     def weight(self) -> torch.Tensor:
@@ -132,11 +137,7 @@ class TunableWeight(nn.Module):
     def finalize(self) -> QuantizedWeight:
         """The stored form of the current offsets and factors (the codes ``weight()`` used, against the stored
         scales and zeros, outliers exact)."""
-        scale = (self.scale0 * (1 + self.ds)).clamp_min(MIN_SCALE)
-        zero = self.zero0 + self.dz
-        if self.spec.round_zero and not self.spec.quant_meta:
-            zero = torch.round(zero)
-        return encode(self.weight(), scale, zero, self.spec, self.mask)
+        return encode(self.weight(), *self._fitted(), self.spec, self.mask)
 
 
 class TunedLinear(nn.Module):

@@ -113,7 +113,6 @@ def quantize_model(model: nn.Module, config: QuantConfig, tokenizer=None, progre
                 point = start_point(layers[name].weight, specs[name], config.method, hessian, masks.get(name))
             except ValueError as exc:
                 raise SensiquantError(f"{name}: {exc}") from exc
-            stats.pop(name, None)
             return TunableWeight(point, specs[name], config.tuning.tune_scale, config.tuning.scale_range)
 
         if not isinstance(windows, torch.Tensor):
