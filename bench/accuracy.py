@@ -1,5 +1,5 @@
-"""Accuracy per byte (issue 14): block tuning (SignRound) x start (round to nearest, GPTQ) x outlier encoding (CSR,
-block) x grid, on SmolLM2-135M and Qwen2.5-Coder-0.5B. WikiText-2 test and C4, first 8 windows of 2048 tokens.
+"""Accuracy per byte (issue 14): block tuning (SignRound) x start (round to nearest, GPTQ, GPTAQ) x outlier encoding
+(CSR, block) x grid, on SmolLM2-135M and Qwen2.5-Coder-0.5B. WikiText-2 test and C4, first 8 windows of 2048 tokens.
 
 Every row is a whole :class:`sensiquant.QuantConfig` (its JSON is stored with the result), run in a fresh process;
 results accumulate in bench/results/accuracy.json and resume.
@@ -15,11 +15,14 @@ from bench.common import RESULTS, bench_parser, eval_args, peak_rss_mb, perplexi
 
 def _row(name: str, bits: int, group: int, method: str = "round", ratio: float = 0.0, fmt: str = "csr",
          tune: dict | None = None, samples: int = 4, quant_meta: bool = True, grid: str = "hqq") -> tuple[str, dict]:
-    from sensiquant import CalibConfig, GPTQConfig, LayerSpec, QuantConfig, RoundConfig, SignRoundConfig
+    from sensiquant import CalibConfig, GPTAQConfig, GPTQConfig, LayerSpec, QuantConfig, RoundConfig, SignRoundConfig
 
     spec = LayerSpec(grid=grid, bits=bits, group_size=group, quant_meta=quant_meta, outlier_ratio=ratio,
                      outlier_format=fmt)
-    config = QuantConfig(method=GPTQConfig() if method == "gptq" else RoundConfig(), default=spec,
+    methods = {"gptq": GPTQConfig, "gptaq": GPTAQConfig, "round": RoundConfig}
+    name_method = method.split(":")
+    kwargs = {"alpha": float(name_method[1])} if len(name_method) > 1 else {}
+    config = QuantConfig(method=methods[name_method[0]](**kwargs), default=spec,
                          calib=CalibConfig(samples=samples),
                          tuning=None if tune is None else SignRoundConfig(**tune))
     return name, config.to_dict()
@@ -44,6 +47,32 @@ def grids() -> dict[str, list]:
             _row("3b g64 meta8 gptq grad 1.9% block n16", 3, 64, "gptq", 0.019, "block", samples=16),
             _row("3b g64 meta8 hqq rtn grad 1.9% block + signround50 bf16 n16", 3, 64, "round", 0.019, "block",
                  bf16, samples=16),
+        ],
+        # GPTAQ (asymmetric calibration) against GPTQ, untuned and as the start of tuning. Two earlier rows,
+        # "full shift", solved GPTQ toward the least-squares target W + alpha W C H^-1 instead (since replaced)
+        "gptaq": [
+            _row("3b g128 meta8 gptaq a0.25", 3, 128, "gptaq"),
+            _row("3b g128 meta8 gptaq a1", 3, 128, "gptaq:1.0"),
+            _row("3b g64 meta8 gptaq grad 1.9% block n16", 3, 64, "gptaq", 0.019, "block", samples=16),
+            _row("3b g128 meta8 gptaq + signround50 bf16", 3, 128, "gptaq", tune=bf16),
+        ],
+        # AutoRound's own step size: lr = 1/iters (0.02 at 50 steps) when none is given, as in the peer run;
+        # these rows and all later ones also keep the best step (AutoRound does too)
+        "lr": [
+            _row("3b g128 meta8 hqq rtn + signround50 bf16 lr0.02 best-step", 3, 128,
+                 tune={"compute_dtype": "bfloat16", "lr": 0.02}),
+            _row("3b g128 meta8 hqq rtn + signround50 bf16 best-step", 3, 128, tune=bf16),
+            _row("3b g128 meta8 hqq rtn + signround50 bf16 lr0.02 best-step n16", 3, 128,
+                 tune={"compute_dtype": "bfloat16", "lr": 0.02}, samples=16),
+        ],
+        # the second model (python -m bench.accuracy --grid qwen --model qwen2.5-coder-0.5b): GWQ untuned and the
+        # best preset's recipe, on 8 calibration windows (16 take about 75 minutes tuned on 2 cores)
+        "qwen": [
+            _row("3b g64 meta8 gptq grad 1.9% block n8", 3, 64, "gptq", 0.019, "block", samples=8),
+            _row("3b g64 meta8 hqq rtn grad 1.9% block + signround50 bf16 n8", 3, 64, "round", 0.019, "block",
+                 bf16, samples=8),
+            _row("3b g64 meta8 hqq rtn grad 1.9% block + signround50 bf16 lr0.02 n8", 3, 64, "round", 0.019,
+                 "block", {"compute_dtype": "bfloat16", "lr": 0.02}, samples=8),
         ],
         # the ends of the curve: 2.6 and 4.0 bits/param
         "ends": [

@@ -55,13 +55,14 @@ _MARK = "@@fuzz "
 
 def make_checkpoints(model_dir: Path, work: Path) -> tuple[Path, Path]:
     """Two checkpoints of the same model: A, which stores every kind of tensor (4-bit codes with FP16 scales and
-    zeros, 3-bit codes with 8-bit metadata, FP16 CSR outliers, an extra file), and B, plain 2-bit."""
+    zeros, 3-bit codes with 8-bit metadata, FP16 CSR outliers, block outliers, an extra file), and B, plain 2-bit."""
     import sensiquant as sq
     from sensiquant.methods.outliers import OutlierConfig
 
     a_config = sq.QuantConfig(default=sq.LayerSpec(grid="rtn", bits=4, group_size=32, outlier_ratio=0.01),
                               overrides={f"model.layers.{i}.mlp.down_proj":
-                                         sq.LayerSpec(grid="hqq", bits=3, group_size=64, quant_meta=True)
+                                         sq.LayerSpec(grid="hqq", bits=3, group_size=64, quant_meta=True,
+                                                      outlier_ratio=0.02, outlier_format="block")
                                          for i in range(2)},
                               outliers=OutlierConfig("magnitude"))
     b_config = sq.QuantConfig(default=sq.LayerSpec(grid="rtn", bits=2, group_size=32))
@@ -149,7 +150,7 @@ def _targeted_manifest(rng: random.Random, manifest: dict) -> str:
     layer = rng.choice(sorted(manifest["layers"]))
     entry = manifest["layers"][layer]
     spec = entry["spec"]
-    choice = rng.randrange(8)
+    choice = rng.randrange(9)
     if choice == 0:
         spec["bits"] = rng.choice([b for b in (2, 3, 4, 8) if b != spec["bits"]])
         return f"{layer} bits -> {spec['bits']}"
@@ -177,6 +178,9 @@ def _targeted_manifest(rng: random.Random, manifest: dict) -> str:
                          "shape": list(reversed(tensor["shape"])) + ([1] if rng.random() < 0.3 else []),
                          "nbytes": tensor["nbytes"] + rng.choice([-2, 2, 8])}[field]
         return f"tensor {name} {field} -> {tensor[field]}"
+    if choice == 7:
+        spec["outlier_format"] = {"csr": "block", "block": "csr"}.get(spec.get("outlier_format"), "csr")
+        return f"{layer} outlier_format -> {spec['outlier_format']}"
     manifest["format_version"] = rng.choice([1, 3, "2", None])
     return f"format_version -> {manifest['format_version']}"
 
@@ -602,7 +606,8 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         model_dir = save_tiny_llama(work / "tiny-llama")
         a, b = make_checkpoints(model_dir, work)
-        result: dict = {"model": "2-layer random LLaMA, hidden 96 (A: 4-bit g32 + outliers, 3-bit meta8; B: 2-bit)"}
+        result: dict = {"model": "2-layer random LLaMA, hidden 96 (A: 4-bit g32 + CSR outliers, 3-bit meta8 + block "
+                                 "outliers; B: 2-bit)"}
         if args.n:
             result["fuzz"] = run_fuzz(a, b, work / "fuzz", args.n, args.seed, args.case_timeout, log=log)
             log(f"fuzz: {json.dumps(result['fuzz']['classes'])}")

@@ -7,15 +7,19 @@ from .errors import SensiquantError
 from .eval.zeroshot import evaluate_zeroshot, run_lm_eval
 from .format import HQQParams, LayerSpec
 from .io import load_model, load_quantized, save_quantized, verify_checkpoint
-from .methods import GPTQConfig, OutlierConfig, RoundConfig, SignRoundConfig
+from .io.hf_hook import install as _install_in_transformers
+from .methods import GPTAQConfig, GPTQConfig, OutlierConfig, RoundConfig, SignRoundConfig
 from .pipeline import QuantConfig, QuantReport, gptq, gwq, quantize_model, recipe
 from .planning import Plan, PlanConfig, PlanLayer, apply_plan, make_plan
 from .runtime import convert_to_fast
 
 __version__ = "0.2.0"
 
+_install_in_transformers()  # from_pretrained loads quant_method "sensiquant" (sensiquant/io/hf.py), registered lazily
+
 __all__ = [
     "CalibConfig",
+    "GPTAQConfig",
     "GPTQConfig",
     "HQQParams",
     "LayerSpec",

@@ -15,6 +15,7 @@ from .format.spec import LayerSpec
 from .io import load_model, save_quantized
 from .methods.gptq import GPTQConfig
 from .methods.round import RoundConfig
+from .methods.signround import SignRoundConfig
 from .pipeline import DEFAULT_SKIP, QuantConfig, QuantReport, quantize_model, recipe
 from .planning import Plan, PlanConfig, apply_plan, make_plan
 from .runtime.walk import model_size_bytes
@@ -87,18 +88,29 @@ def as_quant_config(config: QuantConfig | LayerSpec | str | None) -> QuantConfig
 
 def quantize(model_name: str, config: QuantConfig | LayerSpec | str | None = None, out_dir: str | Path | None = None,
              progress: bool = True, trust_remote_code: bool = False, calib_batches: list[dict] | None = None,
-             overwrite: bool = False) -> tuple[torch.nn.Module, object, QuantReport]:
+             overwrite: bool = False, evaluate=None) -> tuple[torch.nn.Module, object, QuantReport]:
     """Load ``model_name``, quantize it as ``config`` says (see :func:`as_quant_config`), optionally save it
-    (``out_dir`` is checked before any work, see :func:`check_out_dir`). Returns (model, tokenizer, report)."""
+    (``out_dir`` is checked before any work, see :func:`check_out_dir`). ``evaluate(model, tokenizer)``, if given,
+    runs on the quantized model before it is saved, and the perplexities it returns ({text name:
+    PerplexityResult}) go on the checkpoint's model card. Returns (model, tokenizer, report)."""
     config = as_quant_config(config)
     check_not_a_checkpoint(model_name)
     if out_dir is not None:
         check_out_dir(out_dir, model_name, overwrite)
     model, tokenizer = load_model(model_name, trust_remote_code=trust_remote_code)
     report = quantize_model(model, config, tokenizer, progress, calib_batches)
+    card = _card(model_name, model, tokenizer, evaluate)
     if out_dir is not None:
-        save_quantized(model, tokenizer, out_dir, config, report)
+        save_quantized(model, tokenizer, out_dir, config, report, card=card)
     return model, tokenizer, report
+
+
+def _card(model_name: str, model, tokenizer, evaluate) -> dict:
+    """The model card facts of a fresh quantization: the model's name, and what ``evaluate`` measured on it."""
+    card = {"base_model": str(model_name)}
+    if evaluate is not None:
+        card["perplexity"] = evaluate(model, tokenizer)
+    return card
 
 
 def plan(model_name: str, config: PlanConfig, progress: bool = True, trust_remote_code: bool = False) -> Plan:
@@ -110,9 +122,11 @@ def plan(model_name: str, config: PlanConfig, progress: bool = True, trust_remot
 
 def quantize_with_plan(model_name: str, plan_or_config: Plan | PlanConfig, out_dir: str | Path | None = None,
                        method: RoundConfig | GPTQConfig | None = None, progress: bool = True,
-                       trust_remote_code: bool = False, overwrite: bool = False):
+                       trust_remote_code: bool = False, overwrite: bool = False,
+                       tuning: SignRoundConfig | None = None, evaluate=None):
     """Load ``model_name``, plan it (when given a PlanConfig) and quantize it as planned, with ``method`` or the
-    plan's own; optionally save it (the plan is written next to the checkpoint as plan.json).
+    plan's own, block-tuned when ``tuning`` is given; optionally save it (the plan is written next to the
+    checkpoint as plan.json; ``evaluate`` as in :func:`quantize`).
     Returns (model, tokenizer, report, plan)."""
     check_not_a_checkpoint(model_name)
     if out_dir is not None:
@@ -121,9 +135,11 @@ def quantize_with_plan(model_name: str, plan_or_config: Plan | PlanConfig, out_d
     the_plan = plan_or_config
     if isinstance(plan_or_config, PlanConfig):
         the_plan = make_plan(model, tokenizer, plan_or_config, progress, model_name=str(model_name))
-    report, config = apply_plan(model, tokenizer, the_plan, method, progress)
+    report, config = apply_plan(model, tokenizer, the_plan, method, progress, tuning)
+    card = _card(model_name, model, tokenizer, evaluate)
     if out_dir is not None:
-        save_quantized(model, tokenizer, out_dir, config, report, extra_files={"plan.json": the_plan.to_json()})
+        save_quantized(model, tokenizer, out_dir, config, report, extra_files={"plan.json": the_plan.to_json()},
+                       card=card)
     return model, tokenizer, report, the_plan
 
 

@@ -13,12 +13,15 @@ from tqdm.auto import tqdm
 from .windows import as_batches
 
 
-def accumulate_hessian(h: torch.Tensor | None, x: torch.Tensor, n_seen: int) -> tuple[torch.Tensor, int]:
+def accumulate_hessian(h: torch.Tensor | None, x: torch.Tensor, n_seen: int,
+                       left: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """Running ``H = 2/n * sum x x^T`` over calibration inputs ``x`` of shape (..., in_features); returns (H, n).
 
-    ``h`` (float32) is updated in place when given, so a large layer's Hessian is never copied.
+    With ``left`` (the same shape as ``x``) the running sum is ``2/n * sum left x^T`` instead: the cross term
+    GPTAQ needs. ``h`` (float32) is updated in place when given, so a large layer's Hessian is never copied.
     """
     x = x.reshape(-1, x.shape[-1]).float()
+    a = x if left is None else left.reshape(-1, left.shape[-1]).float()
     m = x.shape[0]
     if h is None:
         h = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
@@ -26,7 +29,7 @@ def accumulate_hessian(h: torch.Tensor | None, x: torch.Tensor, n_seen: int) -> 
         return h, n_seen
     n = n_seen + m
     h.mul_(n_seen / n)
-    h.addmm_(x.t(), x, alpha=2.0 / n)
+    h.addmm_(a.t(), x, alpha=2.0 / n)
     return h, n
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .inputs import HessianAccumulator
+from .inputs import HessianAccumulator, accumulate_hessian
 from .windows import as_batches
 
 
@@ -73,18 +73,73 @@ def block_hessians(model: nn.Module, block: nn.Module, inputs: list[tuple[tuple,
     return {n: a.h for n, a in acc.items()}
 
 
+def _output(out) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def block_asymmetric_statistics(model: nn.Module, block: nn.Module, inputs: list[tuple[tuple, dict]],
+                                fp_hidden: list[torch.Tensor], names: list[str]
+                                ) -> tuple[dict[str, dict[str, torch.Tensor]], list[torch.Tensor]]:
+    """GPTAQ's statistics of the layers ``names``: for each, the Hessian of its inputs X~ on the quantized stream
+    (``inputs``) and the cross term 2/n (X - X~)^T X~ against its inputs X on the full-precision stream
+    (``fp_hidden``, the same calls with other hidden states). Also returns the block's full-precision outputs
+    (the next block's full-precision stream)."""
+    layers = {n: model.get_submodule(n) for n in names}
+    h = {n: None for n in names}
+    c = {n: None for n in names}
+    seen = dict.fromkeys(names, 0)
+    fp_x: dict[str, torch.Tensor] = {}
+    mode = ["fp"]
+
+    def hook(_m, a, name):
+        x = a[0].detach()
+        if mode[0] == "fp":
+            fp_x[name] = x
+            return
+        x = x.reshape(-1, x.shape[-1]).float()
+        delta = fp_x.pop(name).reshape(-1, x.shape[-1]).float() - x
+        c[name], _ = accumulate_hessian(c[name], x, seen[name], left=delta)
+        h[name], seen[name] = accumulate_hessian(h[name], x, seen[name])
+
+    handles = [layer.register_forward_pre_hook(lambda m, a, name=n: hook(m, a, name)) for n, layer in layers.items()]
+    fp_out = []
+    try:
+        for hidden, (args, kwargs) in zip(fp_hidden, inputs, strict=True):
+            mode[0] = "fp"
+            fp_args, fp_kwargs = with_hidden(args, kwargs, hidden)
+            fp_out.append(_output(block(*fp_args, **fp_kwargs)))
+            mode[0] = "quantized"
+            block(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {n: {"hessian": h[n], "asym_cross": c[n]} for n in names}, fp_out
+
+
+def hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states of a captured block call."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
 @torch.no_grad()
 def calibrate_sequentially(model: nn.Module, prefix: str, blocks: nn.ModuleList, batches, layer_names: list[str],
-                           quantize_block: Callable[[dict[str, torch.Tensor]], None], progress: bool = True) -> None:
-    """For each block: gather its layers' input Hessians, call ``quantize_block`` with them (it swaps the layers),
-    then run the quantized block to produce the next block's inputs."""
+                           quantize_block: Callable[[dict[str, dict[str, torch.Tensor]]], None],
+                           progress: bool = True, asymmetric: bool = False) -> None:
+    """For each block: gather its layers' input statistics, call ``quantize_block`` with them ({layer: {"hessian":
+    H}}; it swaps the layers), then run the quantized block to produce the next block's inputs. With
+    ``asymmetric`` the full-precision stream is carried too and each layer also gets GPTAQ's ``asym_cross``."""
     inputs = capture_block_inputs(model, blocks[0], batches)
+    fp_hidden = [hidden_of(a, k) for a, k in inputs] if asymmetric else None
     for i, block in enumerate(tqdm(blocks, desc="gptq blocks", disable=not progress)):
         names = [n for n in layer_names if n.startswith(f"{prefix}.{i}.")]
+        if asymmetric:
+            stats, fp_hidden = block_asymmetric_statistics(model, block, inputs, fp_hidden, names)
+        else:
+            stats = {n: {"hessian": h} for n, h in block_hessians(model, block, inputs, names).items()}
         if names:
-            quantize_block(block_hessians(model, block, inputs, names))
+            quantize_block(stats)
         outputs = []
         for args, kwargs in inputs:
-            out = block(*args, **kwargs)
-            outputs.append(with_hidden(args, kwargs, out[0] if isinstance(out, tuple) else out))
+            outputs.append(with_hidden(args, kwargs, _output(block(*args, **kwargs))))
         inputs = outputs

@@ -11,8 +11,7 @@ _GPTQ_FLAGS = {"--act-order": "act_order"}
 _TUNE_FLAGS = {"--tune-iters": "tune_iters", "--tune-dtype": "tune_dtype"}
 _METHOD_FLAGS = {"--method": "method", "--preset": "preset", "--bits": "bits", "--group-size": "group_size",
                  "--quant-meta": "quant_meta", "--grid": "grid", "--outlier-ratio": "outlier_ratio",
-                 "--outlier-format": "outlier_format", "--tune": "tune", **_OUTLIER_FLAGS, **_GPTQ_FLAGS,
-                 **_TUNE_FLAGS}
+                 "--outlier-format": "outlier_format", **_OUTLIER_FLAGS, **_GPTQ_FLAGS}
 _PPL_FLAGS = {"--max-windows": "max_windows"}
 
 
@@ -27,14 +26,14 @@ def _given(args, flags: dict[str, str]) -> list[str]:
 def quant_config(args):
     """The QuantConfig of a `quantize` command line: the recipe of --method, changed by the flags given."""
     from ..api import DEFAULT_RECIPE
-    from ..methods import GPTQConfig, SignRoundConfig
+    from ..methods import GPTQConfig
     from ..pipeline import preset, recipe
 
     if args.preset and args.method:
         raise SensiquantError("give either --preset or --method, not both")
     name = args.method or (None if args.preset else DEFAULT_RECIPE)
     if args.grid is not None and name in ("rtn", "hqq"):
-        raise SensiquantError(f"--grid applies to gptq and gwq; --method {name} is its own grid")
+        raise SensiquantError(f"--grid applies to gptq, gptaq and gwq; --method {name} is its own grid")
     base = preset(args.preset) if args.preset else recipe(name)
     spec_changes = {k: v for k, v in (("bits", args.bits), ("group_size", args.group_size),
                                       ("quant_meta", args.quant_meta), ("grid", args.grid),
@@ -49,9 +48,25 @@ def quant_config(args):
     method = base.method
     if args.act_order is not None:
         if not isinstance(method, GPTQConfig):
-            raise SensiquantError(f"--act-order applies to GPTQ (--method gptq or gwq), not --method {name}")
+            raise SensiquantError(f"--act-order applies to GPTQ (--method gptq, gptaq or gwq), not --method {name}")
         method = method.replace(act_order=args.act_order)
-    tuning = base.tuning
+    tuning = tuning_config(args, base.tuning)
+    config = base.replace(method=method, default=spec, skip=tuple(split(args.skip)), outliers=outliers, calib=calib,
+                          tuning=tuning)
+    if spec.outlier_ratio == 0 and _given(args, _OUTLIER_FLAGS):
+        raise SensiquantError(f"{_given(args, _OUTLIER_FLAGS)[0]} applies only with outliers (--outlier-ratio > 0)")
+    if not config.calibrated and _given(args, _CALIB_FLAGS):
+        raise SensiquantError(f"{_given(args, _CALIB_FLAGS)[0]} applies only to methods that calibrate "
+                              f"(gptq, gptaq, gwq, or outliers ranked by a calibrated saliency)")
+    return config
+
+
+def tuning_config(args, base=None):
+    """The block tuning of a `quantize` command line: ``base`` (the recipe's or preset's), switched by --tune /
+    --no-tune and changed by --tune-iters / --tune-dtype; None for no tuning."""
+    from ..methods import SignRoundConfig
+
+    tuning = base
     if args.tune is not None:
         tuning = (tuning or SignRoundConfig()) if args.tune else None
     if tuning is None and _given(args, _TUNE_FLAGS):
@@ -59,14 +74,7 @@ def quant_config(args):
     if tuning is not None:
         tuning = tuning.replace(**{k: v for k, v in (("iters", args.tune_iters), ("compute_dtype", args.tune_dtype))
                                    if v is not None})
-    config = base.replace(method=method, default=spec, skip=tuple(split(args.skip)), outliers=outliers, calib=calib,
-                          tuning=tuning)
-    if spec.outlier_ratio == 0 and _given(args, _OUTLIER_FLAGS):
-        raise SensiquantError(f"{_given(args, _OUTLIER_FLAGS)[0]} applies only with outliers (--outlier-ratio > 0)")
-    if not config.calibrated and _given(args, _CALIB_FLAGS):
-        raise SensiquantError(f"{_given(args, _CALIB_FLAGS)[0]} applies only to methods that calibrate "
-                              f"(gptq, gwq, or outliers ranked by a calibrated saliency)")
-    return config
+    return tuning
 
 
 def plan_config(args, **overrides):
@@ -75,7 +83,7 @@ def plan_config(args, **overrides):
 
     defaults = PlanConfig()
     kwargs = {"budget": args.budget, "skip": tuple(split(args.skip))}
-    for name in ("method", "exact", "error_metric", "apply_method", "stop", "threshold"):
+    for name in ("method", "exact", "error_metric", "apply_method", "outlier_format", "stop", "threshold"):
         if getattr(args, name, None) is not None:
             kwargs[name] = getattr(args, name)
     if getattr(args, "outlier_ratios", None) is not None:
@@ -147,6 +155,15 @@ def _perplexities(model, tokenizer, texts, args) -> dict:
         texts=texts).items()}
 
 
+def _measure(texts, args, into: dict):
+    """The ``evaluate`` of a quantize command: the --ppl perplexities, kept in ``into`` for the output, measured
+    before the checkpoint is written so that its model card shows them."""
+    def evaluate(model, tokenizer):
+        into.update(_perplexities(model, tokenizer, texts, args))
+        return into
+    return evaluate
+
+
 def cmd_quantize(args) -> dict:
     from ..api import DEFAULT_RECIPE, model_size_bytes, quantize
 
@@ -154,13 +171,14 @@ def cmd_quantize(args) -> dict:
         return cmd_quantize_planned(args)
     config = quant_config(args)
     texts = preflight(args, config.calib if config.calibrated else None)
+    ppl: dict = {}
     model, tokenizer, report = quantize(args.model, config, args.out, progress=not args.quiet,
-                                        trust_remote_code=args.trust_remote_code, overwrite=args.overwrite)
+                                        trust_remote_code=args.trust_remote_code, overwrite=args.overwrite,
+                                        evaluate=_measure(texts, args, ppl))
     return {"model": args.model, "method": args.method or (None if args.preset else DEFAULT_RECIPE),
             "preset": args.preset, "spec": config.default.to_dict(), "tuned": config.tuning is not None,
             **report.summary(),
-            "model_bytes": model_size_bytes(model), "out": args.out,
-            "ppl": _perplexities(model, tokenizer, texts, args)}
+            "model_bytes": model_size_bytes(model), "out": args.out, "ppl": ppl}
 
 
 def cmd_quantize_planned(args) -> dict:
@@ -175,11 +193,13 @@ def cmd_quantize_planned(args) -> dict:
                               "chooses every layer's configuration")
     plan = Plan.load(args.plan) if args.plan else plan_config(args, **BEST_METHOD)
     texts = preflight(args)
+    ppl: dict = {}
     model, tokenizer, report, plan = quantize_with_plan(args.model, plan, args.out, progress=not args.quiet,
                                                         trust_remote_code=args.trust_remote_code,
-                                                        overwrite=args.overwrite)
+                                                        overwrite=args.overwrite, tuning=tuning_config(args),
+                                                        evaluate=_measure(texts, args, ppl))
     return {"model": args.model, **report.summary(), "model_bytes": model_size_bytes(model), "out": args.out,
-            "ppl": _perplexities(model, tokenizer, texts, args)}
+            "ppl": ppl}
 
 
 def cmd_plan(args) -> dict:

@@ -76,16 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=model_help)
     q.add_argument("--method", choices=RECIPES, default=None,
                    help=f"recipe (default {DEFAULT_RECIPE}): rtn/hqq round to nearest on the min-max/HQQ grid; gptq; "
-                        "gwq = gptq + gradient-ranked FP16 outliers")
+                        "gptaq = gptq matched to the full-precision outputs; gwq = gptq + gradient-ranked outliers")
     q.add_argument("--preset", choices=PRESETS, default=None,
                    help="whole jobs at gwq's size with block outliers: fast (gptq, 2 calibration windows) or best "
                         "(block-tuned HQQ grid, 16 windows); other flags change them")
-    q.add_argument("--bits", type=int, default=None, help="code width 2, 3, 4 or 8 (default: rtn/hqq 4, gptq/gwq 3)")
+    q.add_argument("--bits", type=int, default=None, help="code width 2, 3, 4 or 8 (default: rtn/hqq 4, else 3)")
     q.add_argument("--group-size", type=int, default=None, help="columns per group; -1 for per-channel (default 64)")
     q.add_argument("--quant-meta", action=argparse.BooleanOptionalAction, default=None,
-                   help="store scales and zeros in 8 bits, groups of 128 (default: off for rtn/hqq, on for gptq/gwq)")
+                   help="store scales and zeros in 8 bits, groups of 128 (default: off for rtn/hqq, on for the others)")
     q.add_argument("--grid", choices=["rtn", "hqq"], default=None,
-                   help="grid fit of gptq/gwq (default hqq; rtn and hqq name their own)")
+                   help="grid fit of gptq/gptaq/gwq (default hqq; rtn and hqq name their own)")
     q.add_argument("--skip", default=",".join(DEFAULT_SKIP),
                    help="comma-separated name patterns kept in full precision")
     q.add_argument("--out", default=None, help="checkpoint directory to write (new or empty)")
@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = q.add_argument_group("block tuning (SignRound)")
     t.add_argument("--tune", action=argparse.BooleanOptionalAction, default=None,
                    help="tune the rounding block by block to match the full-precision block outputs (default: on "
-                        "for --preset best)")
+                        "for --preset best; also applies with --plan and --budget)")
     t.add_argument("--tune-iters", type=_at_least(0), default=None, help=f"steps per block (default {tuning.iters})")
     t.add_argument("--tune-dtype", choices=["float32", "bfloat16"], default=None,
                    help=f"dtype of the tuning forward/backward (default {tuning.compute_dtype})")
@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the boosted plan within the budget (the least important layers pay for it)")
     p.add_argument("--outlier-ratios", default=None,
                    help="comma-separated GWQ outlier shares a matrix may take, e.g. 0,0.005,0.01 (needs --exact)")
+    p.add_argument("--outlier-format", choices=OUTLIER_FORMATS, default=None,
+                   help=f"how the plan's outliers are stored: csr (FP16) or block (int8 residuals) "
+                        f"(default {plan.outlier_format})")
     p.add_argument("--error-metric", choices=["frobenius", "fisher"], default=None,
                    help=f"default {plan.error_metric}")
     p.add_argument("--apply-method", choices=APPLY_METHODS, default=None,

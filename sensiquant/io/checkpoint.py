@@ -2,8 +2,10 @@
 
 Layout::
 
-    config.json, tokenizer files      the Hugging Face model config (marked with a ``quantization_config``) and
-                                      tokenizer
+    config.json, tokenizer files      the Hugging Face model config (``quantization_config`` with ``quant_method:
+                                      "sensiquant"``, see :mod:`sensiquant.io.hf`) and tokenizer
+    README.md                         the model card (:mod:`sensiquant.io.card`), rendered from the manifest;
+                                      checksummed with the extra files (hashed by verify, not by every load)
     model.safetensors                 non-quantized parameters + every QuantLinear's stored tensors
     sensiquant.json                   the manifest: format version, the QuantConfig, the per-layer record (shape,
                                       spec, stored bits), every stored tensor (dtype, shape, bytes), the sha256 of
@@ -51,6 +53,7 @@ from ..pipeline.report import LayerReport, QuantReport
 from ..runtime.qlinear import QuantLinear
 from ..runtime.walk import set_module, unique_state
 from .atomic import replacing_directory
+from .card import CARD, check_card, render_card
 from .safetensors import (
     DTYPE_NAMES,
     SafetensorsHeader,
@@ -69,32 +72,47 @@ MANIFEST = "sensiquant.json"
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 PRODUCER = "sensiquant"
-# Written into config.json as its ``quantization_config``. It deliberately has no ``quant_method``: transformers
-# skips a quantization config whose quant_method it does not know (with a warning) and then builds the packed
-# layers as random nn.Linear weights, but refuses one without a quant_method (ValueError), which is what a
-# checkpoint that only sensiquant can load needs.
-QUANTIZATION_MARKER = {"format": "sensiquant", "format_version": FORMAT_VERSION, "manifest": MANIFEST,
-                       "load_with": "sensiquant.load_quantized"}
+QUANT_METHOD = "sensiquant"
+# Written into config.json as its ``quantization_config``: after ``import sensiquant``, transformers'
+# from_pretrained hands the checkpoint to sensiquant's quantizer (sensiquant/io/hf.py). Checkpoints before the
+# transformers integration carry {"format": "sensiquant", ...} without a quant_method (load_quantized only).
+QUANTIZATION_MARKER = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "manifest": MANIFEST,
+                       "load_with": "import sensiquant; AutoModelForCausalLM.from_pretrained(path)"}
+# Also written into config.json, as ``transformers_weights`` (the weights file transformers is told to load). A
+# transformers that does not know quant_method "sensiquant" only warns and would build the packed layers as random
+# nn.Linear weights; this value is no weights file name, so it stops instead, with this text in its error. The
+# quantizer puts the real name back before transformers looks for the weights.
+WEIGHTS_GUARD = (f"{WEIGHTS} of a sensiquant checkpoint: run `import sensiquant` before from_pretrained "
+                 "(pip install sensiquant)")
 BINDING_KEY = "sensiquant_manifest_sha256"  # in the safetensors metadata: ties the weights to their manifest
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _FLOATS = ("F16", "BF16", "F32", "F64")
-_RESERVED = (WEIGHTS, MANIFEST, CONFIG)
+_RESERVED = (WEIGHTS, MANIFEST, CONFIG, CARD)
 
 
 # ----------------------------------------------------------------------------------------------------------- saving
 
 
 def save_quantized(model, tokenizer, out_dir: str | Path, config: QuantConfig, report: QuantReport,
-                   extra_files: dict[str, str] | None = None) -> Path:
+                   extra_files: dict[str, str] | None = None, card: dict | None = None) -> Path:
     """Write the checkpoint of a quantized ``model`` to ``out_dir``, whole or not at all; returns its path.
 
     ``out_dir`` may not exist yet, be empty, or hold a sensiquant checkpoint (which is replaced; whether that is
     allowed is the caller's decision). Anything else is refused. ``extra_files`` are text files written beside the
-    checkpoint (e.g. ``{"plan.json": plan.to_json()}``) and covered by its checksums.
+    checkpoint (e.g. ``{"plan.json": plan.to_json()}``) and covered by its checksums. ``card`` holds what the
+    model card (README.md) shows beyond the config and the report: ``base_model`` (default: the model's
+    ``name_or_path``) and ``perplexity`` ({text name: PerplexityResult}); it is kept in the manifest too.
     """
     out = Path(os.path.realpath(os.fspath(out_dir)))
     _check_replaceable(out)
     extra = _check_extra_files(extra_files or {})
+    card = check_card(card)
+    if "base_model" not in card:  # a model loaded from a checkpoint names that checkpoint's base model
+        source = getattr(model, "sensiquant_source", None)
+        base = source.manifest.get("card", {}).get("base_model") if source is not None else None
+        base = base or getattr(model, "name_or_path", None)
+        if base:
+            card["base_model"] = str(base)
     ancestor = out.parent
     while not os.path.lexists(ancestor):
         ancestor = ancestor.parent
@@ -106,7 +124,7 @@ def save_quantized(model, tokenizer, out_dir: str | Path, config: QuantConfig, r
         raise SensiquantError(f"cannot create the parent directory of {out}: {exc.strerror}") from None
     try:
         with replacing_directory(out) as tmp:
-            _write_checkpoint(tmp, model, tokenizer, config, report, extra)
+            _write_checkpoint(tmp, model, tokenizer, config, report, extra, card)
     except (OSError, SafetensorError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise SensiquantError(f"could not write the checkpoint {out}: {reason}") from None
@@ -179,10 +197,11 @@ def _relative_files(root: Path) -> list[str]:
 
 
 def _write_checkpoint(tmp: Path, model, tokenizer, config: QuantConfig, report: QuantReport,
-                      extra: dict[str, str]) -> None:
+                      extra: dict[str, str], card: dict) -> None:
     model.config.save_pretrained(tmp)  # as transformers writes it (custom code of remote-code configs included)
     hf_config = parse_json((tmp / CONFIG).read_bytes(), str(tmp / CONFIG))
     hf_config["quantization_config"] = dict(QUANTIZATION_MARKER)
+    hf_config["transformers_weights"] = WEIGHTS_GUARD
     (tmp / CONFIG).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
@@ -191,16 +210,22 @@ def _write_checkpoint(tmp: Path, model, tokenizer, config: QuantConfig, report: 
             raise SensiquantError(f"extra checkpoint file {name} clashes with a file of the tokenizer")
     for name, text in extra.items():
         (tmp / name).write_text(text)
-    model_files = [name for name in _relative_files(tmp) if name not in extra]
-    core = {
-        "format_version": FORMAT_VERSION,
+    described = json.loads(json.dumps({  # exactly what a reader will see (tuples -> lists, ...)
         "config": config.to_dict(),
         "summary": report.summary(),
         "layers": {name: r.to_dict() for name, r in report.layers.items()},
+        "card": card,
+    }))
+    # the card is checksummed as an extra file: hashed by verify, not on every load, so that an edited card (as
+    # hubs invite) does not stop the model from loading
+    (tmp / CARD).write_text(render_card(**described))
+    model_files = [name for name in _relative_files(tmp) if name not in extra and name != CARD]
+    core = {
+        "format_version": FORMAT_VERSION,
+        **described,
         "files": _file_records(tmp, model_files),
-        "extra_files": _file_records(tmp, sorted(extra)),
+        "extra_files": _file_records(tmp, sorted([*extra, CARD])),
     }
-    core = json.loads(json.dumps(core))  # exactly what a reader will see (tuples -> lists, ...)
     tensors = {name: value.detach().contiguous().cpu() for name, value in unique_state(model).items()}
     metadata = {"format": "pt", "producer": PRODUCER, "sensiquant_format_version": str(FORMAT_VERSION),
                 BINDING_KEY: _binding_digest(core)}
@@ -296,6 +321,7 @@ def _check_manifest(manifest, where: Path) -> dict[str, LayerReport]:
              f"{', '.join(map(str, READABLE_FORMATS))})")
     for key in ("config", "summary", "layers"):
         _require(isinstance(manifest.get(key), dict), f"{where}: {key!r} is missing or not a JSON object")
+    _require(isinstance(manifest.get("card", {}), dict), f"{where}: 'card' is not a JSON object")
     if version >= 2:
         for key in ("tensors", "files", "extra_files"):
             _require(isinstance(manifest.get(key), dict), f"{where}: {key!r} is missing or not a JSON object")
@@ -556,6 +582,103 @@ def verify_checkpoint(path: str | Path, trust_remote_code: bool = False) -> dict
 # ----------------------------------------------------------------------------------------------------------- loading
 
 
+def _manifest_report(checked: _Checked) -> QuantReport:
+    """The QuantReport a checkpoint was saved with: its layer records, seconds, and the summary's extras (plan)."""
+    summary = checked.manifest["summary"]
+    derived = set(QuantReport().summary())
+    return QuantReport(checked.layers, summary.get("seconds", 0.0),
+                       {k: v for k, v in summary.items() if k not in derived})
+
+
+def _install_quant_linears(model: nn.Module, checked: _Checked) -> dict[str, torch.Tensor]:
+    """Put a QuantLinear built from its stored tensors (memory-mapped) in place of every quantized linear of
+    ``model``, once every stored tensor is known to fit the model and every outlier index is sound; returns the
+    other stored tensors by name."""
+    _check_against_model(model, checked)
+    per_layer, state = _by_layer(mmap_safetensors(checked.path / WEIGHTS, checked.header), checked.layers)
+    for name, layer in checked.layers.items():
+        tensors = per_layer[name]
+        _check_outliers(name, tensors, layer, checked.path / WEIGHTS)
+        bias = tensors.pop("bias", None)
+        out_features, in_features = layer.shape
+        set_module(model, name, QuantLinear(in_features, out_features, layer.spec, tensors, bias))
+    return state
+
+
+def _check_complete(model: nn.Module, checked: _Checked, tied) -> None:
+    """Every parameter and persistent buffer of ``model`` (quantized linears in place) is stored, but the ``tied``
+    ones (which share another's tensor): a loader that fills missing tensors at random gets none to fill."""
+    missing = [name for name in model.state_dict() if name not in checked.header.tensors and name not in tied]
+    _require(not missing, f"{checked.path / WEIGHTS} is missing tensors of the model: {', '.join(missing[:5])}")
+
+
+def _check_loaded(model: nn.Module, checked: _Checked) -> None:
+    """After another loader (transformers) filled ``model``: every quantized layer is a QuantLinear holding its
+    tensors with the dtype and shape of the file, and no tensor is left on the meta device."""
+    where = checked.path / WEIGHTS
+    for name in checked.layers:
+        module = model.get_submodule(name)
+        _require(isinstance(module, QuantLinear), f"{where}: layer {name} was loaded as a {type(module).__name__}")
+        tensors = dict(module.stored_tensors())
+        if module.bias is not None:
+            tensors["bias"] = module.bias
+        for leaf, value in tensors.items():
+            info = checked.header.tensors[f"{name}.{leaf}"]
+            _require(value.device.type != "meta" and DTYPE_NAMES.get(value.dtype) == info.dtype
+                     and tuple(value.shape) == info.shape,
+                     f"{where}: {name}.{leaf} was loaded as {value.dtype} {list(value.shape)} on {value.device}, "
+                     f"stored as {info.dtype} {list(info.shape)}")
+    left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.device.type == "meta"]
+    _require(not left, f"{where} is missing tensors of the model: {', '.join(left[:5])}")
+
+
+def _source_files(checked: _Checked):
+    """(tokenizer, extra files) of the checkpoint a model was loaded from, to save along with it: none, with a
+    warning, when that checkpoint is gone or was changed since."""
+    import warnings
+
+    from transformers import AutoTokenizer
+
+    path, manifest = checked.path, checked.manifest
+    files = manifest.get("files", {})
+    extra = {name: record for name, record in manifest.get("extra_files", {}).items() if name != CARD}
+    try:
+        _check_files(path, {**files, **extra}, "a file")
+        tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
+        return tokenizer, {name: (path / name).read_text() for name in extra}
+    except (SensiquantError, OSError, ValueError) as exc:
+        warnings.warn(f"saving without the tokenizer and extra files of {path}: {exc}", stacklevel=3)
+        return None, {}
+
+
+def _save_pretrained(model, save_directory, is_main_process: bool = True, state_dict=None, push_to_hub: bool = False,
+                     variant=None, **kwargs) -> None:
+    """``save_pretrained`` of a model loaded from a sensiquant checkpoint: a sensiquant checkpoint again
+    (:func:`save_quantized`: same config, model card and extra files, and the tokenizer of the checkpoint it was
+    loaded from while that is unchanged). Other keyword arguments of transformers' save_pretrained (shard size,
+    safe_serialization, ...) do not change what is written."""
+    if state_dict is not None or push_to_hub or variant is not None:
+        raise SensiquantError("save_pretrained of a sensiquant model writes a whole sensiquant checkpoint: "
+                              "state_dict, push_to_hub and variant are not supported")
+    if not is_main_process:
+        return
+    source = model.sensiquant_source
+    tokenizer, extra = _source_files(source)
+    save_quantized(model, tokenizer, save_directory, QuantConfig.from_dict(source.manifest["config"]),
+                   model.sensiquant_report, extra_files=extra, card=source.manifest.get("card"))
+
+
+def _finish_loaded(model: nn.Module, checked: _Checked) -> None:
+    """What every model loaded from a checkpoint carries: ``sensiquant_report`` (the manifest's record),
+    ``sensiquant_source`` (what was checked), and a ``save_pretrained`` that writes a sensiquant checkpoint (the
+    one transformers has would write packed tensors without a manifest, which nothing loads)."""
+    import types
+
+    model.sensiquant_report = _manifest_report(checked)
+    model.sensiquant_source = checked
+    model.save_pretrained = types.MethodType(_save_pretrained, model)
+
+
 def load_quantized(path: str | Path, trust_remote_code: bool = False, verify: bool = False):
     """(model, tokenizer) from a checkpoint directory, QuantLinear layers restored from their stored tensors.
 
@@ -566,17 +689,8 @@ def load_quantized(path: str | Path, trust_remote_code: bool = False, verify: bo
     checked = _inspect(path)
     if verify:
         _check_weights_hash(checked)
-    manifest = checked.manifest
     model = _empty_model(path, trust_remote_code)
-    _check_against_model(model, checked)
-    per_layer, state = _by_layer(mmap_safetensors(path / WEIGHTS, checked.header), checked.layers)
-    report = QuantReport(checked.layers, manifest["summary"].get("seconds", 0.0))
-    for name, layer in report.layers.items():
-        tensors = per_layer[name]
-        _check_outliers(name, tensors, layer, path / WEIGHTS)
-        bias = tensors.pop("bias", None)
-        out_features, in_features = layer.shape
-        set_module(model, name, QuantLinear(in_features, out_features, layer.spec, tensors, bias))
+    state = _install_quant_linears(model, checked)
     _, unexpected = model.load_state_dict(state, strict=False, assign=True)
     _require(not unexpected, f"checkpoint has tensors the model does not: {unexpected[:5]}")
     model.tie_weights()
@@ -590,5 +704,5 @@ def load_quantized(path: str | Path, trust_remote_code: bool = False, verify: bo
         except (OSError, ValueError) as exc:
             raise SensiquantError(f"cannot load the tokenizer of {path}: {str(exc).strip().splitlines()[0]}") \
                 from None
-    model.sensiquant_report = report
+    _finish_loaded(model, checked)
     return model, tokenizer

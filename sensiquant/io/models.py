@@ -97,7 +97,7 @@ def refuse_incomplete_checkpoint(path: str | Path) -> None:
     if (path / "config.json").is_file():
         config = read_json_file(path / "config.json")
         quant = config.get("quantization_config") if isinstance(config, dict) else None
-    if isinstance(quant, dict) and quant.get("format") == "sensiquant":
+    if isinstance(quant, dict) and "sensiquant" in (quant.get("format"), quant.get("quant_method")):
         raise SensiquantError(f"{path} is a sensiquant checkpoint without its {MANIFEST}: it is incomplete or damaged "
                               "and cannot be loaded")
     if isinstance(quant, dict) and quant.get("quant_method"):

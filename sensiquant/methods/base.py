@@ -23,6 +23,7 @@ class LayerStats:
     input_norm: torch.Tensor | None = None  # ||x_j|| over all calibration tokens, (in,)
     grad_abs_sum: torch.Tensor | None = None  # sum over windows of |dL/dW|, (out, in)
     grad_sq_sum: torch.Tensor | None = None  # sum over windows of (dL/dW)^2, (out, in)
+    asym_cross: torch.Tensor | None = None  # 2/n (X - X~)^T X~: full-precision minus quantized-model inputs (GPTAQ)
 
 
 STATISTICS = tuple(f.name for f in fields(LayerStats))

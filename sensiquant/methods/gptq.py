@@ -64,9 +64,14 @@ def _quant_dequant(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmax: int)
 
 
 def gptq_solve(w: torch.Tensor, hessian: torch.Tensor, spec: LayerSpec, outlier_mask: torch.Tensor | None = None,
-               damp: float = 0.01, block_size: int = 128, act_order: bool = False, return_base: bool = False
-               ) -> tuple[torch.Tensor, ...]:
+               damp: float = 0.01, block_size: int = 128, act_order: bool = False, return_base: bool = False,
+               asym_cross: torch.Tensor | None = None, alpha: float = 0.0) -> tuple[torch.Tensor, ...]:
     """The GPTQ pass itself: returns (w_final, scale, zero), and with ``return_base`` also ``base``.
+
+    With ``asym_cross`` (GPTAQ's 2/n (X - X~)^T X~, see :mod:`sensiquant.methods.gptaq`) and ``alpha`` > 0, each
+    column's weight also moves the columns not yet quantized by ``alpha * w_i P[i, j]`` with
+    ``P = triu(C U^T, 1) U`` (U the upper Cholesky factor of H^-1), so that they absorb the drift of the
+    quantized model's inputs; ``alpha = 0`` is GPTQ.
 
     ``w_final`` (out, in) holds GPTQ's dequantized values, and at the outlier positions the exact (error-updated)
     weights to keep in FP16; ``scale`` and ``zero`` (out, n_groups) are FP16-rounded values in float32. ``base``
@@ -123,6 +128,13 @@ def gptq_solve(w: torch.Tensor, hessian: torch.Tensor, spec: LayerSpec, outlier_
 
     Hinv = upper_cholesky_of_inverse(H, damp)
     del H
+    P = None
+    if asym_cross is not None and alpha > 0:
+        C = asym_cross.detach().to(device=device, dtype=torch.float32)
+        C = C[perm][:, perm] if perm is not None else C.clone()
+        C[:, dead if perm is None else dead[perm]] = 0.0
+        P = alpha * torch.triu(C @ Hinv.t(), diagonal=1) @ Hinv
+        del C
     Q = torch.zeros_like(W)
     U = torch.zeros_like(W) if return_base else None
 
@@ -131,6 +143,7 @@ def gptq_solve(w: torch.Tensor, hessian: torch.Tensor, spec: LayerSpec, outlier_
         W1 = W[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
+        Base1 = torch.zeros_like(W1) if P is not None else None
         for i in range(i2 - i1):
             col = i1 + i
             j = group_of[col]
@@ -151,9 +164,14 @@ def gptq_solve(w: torch.Tensor, hessian: torch.Tensor, spec: LayerSpec, outlier_
             if U is not None:
                 U[:, col] = wc
             err = (wc - q) / Hinv1[i, i]
+            if P is not None:
+                Base1[:, i] = wc
+                W1[:, i + 1:] += wc[:, None] * P[col, col + 1:i2][None, :]
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        if P is not None:
+            W[:, i2:] += Base1 @ P[i1:i2, i2:]
 
     if perm is not None:
         inverse = torch.argsort(perm)

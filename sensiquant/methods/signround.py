@@ -23,6 +23,7 @@ from ..format import groups
 from ..format.qweight import MIN_SCALE, QuantizedWeight, encode, store_meta
 from ..format.spec import LayerSpec
 from ..serialize import Config
+from .gptaq import GPTAQConfig, gptaq_solve
 from .gptq import GPTQConfig, gptq_solve
 from .grid import fit_scale_zero
 from .round import RoundConfig
@@ -69,8 +70,8 @@ class StartPoint:
 
 
 def start_point(w: torch.Tensor, spec: LayerSpec, method, hessian: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> StartPoint:
-    """The solution of ``method`` (RoundConfig or GPTQConfig) in the form tuning starts from."""
+                mask: torch.Tensor | None = None, asym_cross: torch.Tensor | None = None) -> StartPoint:
+    """The solution of ``method`` (RoundConfig, GPTQConfig or GPTAQConfig) in the form tuning starts from."""
     w = w.detach().float()
     if isinstance(method, RoundConfig):
         scale, zero = fit_scale_zero(w, spec, None if mask is None else ~mask)
@@ -78,8 +79,13 @@ def start_point(w: torch.Tensor, spec: LayerSpec, method, hessian: torch.Tensor 
     if isinstance(method, GPTQConfig):
         if hessian is None:
             raise ValueError("a GPTQ start needs the layer's Hessian")
-        _, scale, zero, base = gptq_solve(w, hessian, spec, mask, method.damp, method.block_size, method.act_order,
-                                          return_base=True)
+        if isinstance(method, GPTAQConfig):
+            if asym_cross is None:
+                raise ValueError("a GPTAQ start needs the layer's cross term")
+            _, scale, zero, base = gptaq_solve(w, hessian, asym_cross, spec, mask, method, return_base=True)
+        else:
+            _, scale, zero, base = gptq_solve(w, hessian, spec, mask, method.damp, method.block_size,
+                                              method.act_order, return_base=True)
         return StartPoint(base, scale, zero, mask)
     raise TypeError(f"block tuning cannot start from {type(method).__name__}")
 
@@ -156,8 +162,8 @@ class TunedLinear(nn.Module):
 @dataclass
 class TuneResult:
     loss_start: float  # mean block-output MSE over all calibration batches, at the start
-    loss_end: float  # the same after tuning (the kept one is min of the two)
-    kept: str  # "tuned" or "start"
+    loss_end: float  # the same for the tuned parameters (the lower of the last step's and the best step's)
+    kept: str  # "tuned", "best step" or "start": the lowest mean loss of the three
 
 
 def _mean_loss(run: Callable[[int], torch.Tensor], targets: Sequence[torch.Tensor]) -> float:
@@ -168,14 +174,18 @@ def _mean_loss(run: Callable[[int], torch.Tensor], targets: Sequence[torch.Tenso
 def sign_round(tunables: Sequence[TunableWeight], run: Callable[[int], torch.Tensor],
                targets: Sequence[torch.Tensor], config: SignRoundConfig) -> TuneResult:
     """Tune ``tunables`` in place: ``run(i)`` is the block's output on calibration batch ``i`` (built from the
-    tunables' current weights), ``targets[i]`` the full-precision block's output on it. Keeps the start when tuning
-    did not lower the mean loss over all batches."""
+    tunables' current weights), ``targets[i]`` the full-precision block's output on it.
+
+    Signed gradient steps on one batch each; the parameters of the step with the lowest batch loss are remembered
+    (as AutoRound does). Of the start, the end and that best step, the block keeps whichever has the lowest mean
+    loss over all batches, so tuning never leaves a block worse than its start."""
     params = [p for t in tunables for p in (t.v, t.ds, t.dz) if p.requires_grad]
     start = [p.detach().clone() for p in params]
     loss_start = _mean_loss(run, targets)
     gen = torch.Generator().manual_seed(config.seed)
     low_precision = config.compute_dtype == "bfloat16"
     order: list[int] = []
+    best, best_loss = None, float("inf")
     for step in range(config.iters):
         if not order:
             order = torch.randperm(len(targets), generator=gen).tolist()
@@ -184,16 +194,30 @@ def sign_round(tunables: Sequence[TunableWeight], run: Callable[[int], torch.Ten
             out = run(i)
         loss = torch.nn.functional.mse_loss(out.float(), targets[i])
         grads = torch.autograd.grad(loss, params)
+        value = float(loss.detach())
+        if step > 0 and value < best_loss:  # the parameters this loss was measured on (step 0 is the start)
+            best, best_loss = [p.detach().clone() for p in params], value
         lr = config.lr * (1 - step / config.iters)
         with torch.no_grad():
             for p, g in zip(params, grads):
                 p.sub_(lr * torch.sign(g))
         for t in tunables:
             t.clamp_()
-    loss_end = _mean_loss(run, targets) if config.iters else loss_start
-    if loss_end <= loss_start:
-        return TuneResult(loss_start, loss_end, "tuned")
+    if not config.iters:
+        return TuneResult(loss_start, loss_start, "start")
+    end = [p.detach().clone() for p in params]
+    candidates = {"tuned": (_mean_loss(run, targets), end)}
+    if best is not None:
+        _assign(params, best)
+        candidates["best step"] = (_mean_loss(run, targets), best)
+    loss_end = min(loss for loss, _ in candidates.values())
+    candidates["start"] = (loss_start, start)
+    kept = min(candidates, key=lambda k: candidates[k][0])
+    _assign(params, candidates[kept][1])
+    return TuneResult(loss_start, loss_end, kept)
+
+
+def _assign(params: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:
     with torch.no_grad():
-        for p, s in zip(params, start):
-            p.copy_(s)
-    return TuneResult(loss_start, loss_end, "start")
+        for p, v in zip(params, values):
+            p.copy_(v)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calib.sequential import block_hessians, capture_block_inputs, with_hidden
+from ..calib.sequential import block_asymmetric_statistics, block_hessians, capture_block_inputs, hidden_of, with_hidden
 from ..format.qweight import QuantizedWeight
 from ..methods.signround import SignRoundConfig, TunableWeight, TunedLinear, TuneResult, sign_round
 from ..runtime.walk import set_module
@@ -30,40 +30,41 @@ def tuning_batches(windows: torch.Tensor, config: SignRoundConfig) -> list[dict]
     return [{"input_ids": samples[i:i + config.batch_size]} for i in range(0, samples.shape[0], config.batch_size)]
 
 
-def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
-
-
 def _call(block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
     out = block(*args, **kwargs)
     return out[0] if isinstance(out, tuple) else out
 
 
 def tune_blocks(model: nn.Module, prefix: str, blocks: nn.ModuleList, batches: list[dict], layer_names: list[str],
-                start: Callable[[str, torch.Tensor | None], TunableWeight],
-                finish: Callable[[str, QuantizedWeight], None], config: SignRoundConfig, need_hessian: bool,
-                progress: bool = True) -> dict[int, TuneResult]:
-    """Quantize and tune the layers ``layer_names`` of every block. ``start(name, hessian)`` builds a layer's
-    tunable start (the Hessian of its quantized-stream inputs when ``need_hessian``); ``finish(name, qweight)``
-    swaps the tuned layer into the model. Returns each block's tuning losses."""
+                start: Callable[[str, dict[str, torch.Tensor]], TunableWeight],
+                finish: Callable[[str, QuantizedWeight], None], config: SignRoundConfig,
+                needs: frozenset[str] = frozenset(), progress: bool = True) -> dict[int, TuneResult]:
+    """Quantize and tune the layers ``layer_names`` of every block. ``start(name, stats)`` builds a layer's
+    tunable start from the statistics ``needs`` names ("hessian" of its quantized-stream inputs, GPTAQ's
+    "asym_cross"); ``finish(name, qweight)`` swaps the tuned layer into the model. Returns each block's tuning
+    losses."""
     results: dict[int, TuneResult] = {}
     grad_flags = [(p, p.requires_grad) for p in model.parameters()]
     model.requires_grad_(False)
     try:
         with torch.no_grad():
             inputs = capture_block_inputs(model, blocks[0], batches)
-        fp = [_hidden(a, k) for a, k in inputs]
+        fp = [hidden_of(a, k) for a, k in inputs]
         bar = tqdm(blocks, desc="tuned blocks", disable=not progress)
         for i, block in enumerate(bar):
             names = [n for n in layer_names if n.startswith(f"{prefix}.{i}.")]
             with torch.no_grad():
-                targets = [_call(block, *with_hidden(a, k, h)) for h, (a, k) in zip(fp, inputs)]
-                hessians = block_hessians(model, block, inputs, names) if need_hessian and names else {}
+                if "asym_cross" in needs and names:
+                    stats, targets = block_asymmetric_statistics(model, block, inputs, fp, names)
+                else:
+                    targets = [_call(block, *with_hidden(a, k, h)) for h, (a, k) in zip(fp, inputs)]
+                    stats = ({n: {"hessian": h} for n, h in block_hessians(model, block, inputs, names).items()}
+                             if "hessian" in needs and names else {})
             if names:
                 tunables = {}
                 for n in names:
                     layer = model.get_submodule(n)
-                    tunables[n] = start(n, hessians.pop(n, None))
+                    tunables[n] = start(n, stats.pop(n, {}))
                     set_module(model, n, TunedLinear(tunables[n], layer.bias))
 
                 def run(j: int, block=block, inputs=inputs) -> torch.Tensor:

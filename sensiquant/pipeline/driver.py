@@ -22,7 +22,7 @@ from .config import QuantConfig
 from .report import LayerReport, QuantReport
 
 _GRADIENT_STATS = frozenset({"grad_abs_sum", "grad_sq_sum"})
-_INPUT_STATS = frozenset({"hessian", "input_norm"})
+_INPUT_STATS = frozenset({"hessian", "input_norm", "asym_cross"})
 
 
 def check_finite(layers: dict[str, nn.Linear]) -> None:
@@ -52,6 +52,7 @@ def quantize_model(model: nn.Module, config: QuantConfig, tokenizer=None, progre
     method_needs = needed_statistics(config.method)
     outlier_needs = config.outliers.needs if any(r > 0 for r in ratios.values()) else frozenset()
     needs = method_needs | outlier_needs  # config.needs restricted to the layers this model has
+    asymmetric = "asym_cross" in method_needs
     extra: dict = {}
 
     windows = calib_batches
@@ -79,6 +80,8 @@ def quantize_model(model: nn.Module, config: QuantConfig, tokenizer=None, progre
         inputs = input_statistics(model, windows, {name: layers[name] for name in one_pass}, progress)
         for name in one_pass:
             stats[name].update(hessian=inputs.hessian[name], input_norm=inputs.col_norm[name])
+            if asymmetric:  # calibrated on the full-precision model, where both streams are one: no cross term
+                stats[name]["asym_cross"] = torch.zeros_like(inputs.hessian[name])
         extra["input_seconds"] = inputs.seconds
 
     masks = select_outliers({name: layer.weight.detach() for name, layer in layers.items()}, ratios,
@@ -108,9 +111,10 @@ def quantize_model(model: nn.Module, config: QuantConfig, tokenizer=None, progre
     for name in tqdm(rest, desc=method_name(config.method), disable=not progress or not rest):
         quantize_one(name, LayerStats(**stats[name]))
     if in_blocks and tuned:
-        def tunable(name: str, hessian: torch.Tensor | None) -> TunableWeight:
+        def tunable(name: str, block_stats: dict[str, torch.Tensor]) -> TunableWeight:
             try:
-                point = start_point(layers[name].weight, specs[name], config.method, hessian, masks.get(name))
+                point = start_point(layers[name].weight, specs[name], config.method, mask=masks.get(name),
+                                    **block_stats)
             except ValueError as exc:
                 raise SensiquantError(f"{name}: {exc}") from exc
             return TunableWeight(point, specs[name], config.tuning.tune_scale, config.tuning.scale_range)
@@ -118,14 +122,15 @@ def quantize_model(model: nn.Module, config: QuantConfig, tokenizer=None, progre
         if not isinstance(windows, torch.Tensor):
             raise SensiquantError("block tuning calibrates on token windows, not on prepared input batches")
         results = tune_blocks(model, blocks[0], blocks[1], tuning_batches(windows, config.tuning), in_blocks,
-                              tunable, store, config.tuning, "hessian" in method_needs, progress)
+                              tunable, store, config.tuning, method_needs & _INPUT_STATS, progress)
         extra["tuning_loss"] = {str(i): [r.loss_start, min(r.loss_start, r.loss_end)] for i, r in results.items()}
     elif in_blocks:
-        def quantize_block(hessians: dict[str, torch.Tensor]) -> None:
-            for name, h in hessians.items():
-                quantize_one(name, LayerStats(hessian=h))
+        def quantize_block(block_stats: dict[str, dict[str, torch.Tensor]]) -> None:
+            for name, s in block_stats.items():
+                quantize_one(name, LayerStats(**s))
 
-        calibrate_sequentially(model, blocks[0], blocks[1], windows, in_blocks, quantize_block, progress)
+        calibrate_sequentially(model, blocks[0], blocks[1], windows, in_blocks, quantize_block, progress,
+                               asymmetric)
     report.layers = {name: report.layers[name] for name in layers}  # module order
     if extra:
         extra["quantize_seconds"] = time.perf_counter() - q_start

@@ -2,6 +2,7 @@
 
 * ``rtn`` / ``hqq``: round to nearest on the min-max / HQQ grid, 4-bit g64, FP16 scales and zeros.
 * ``gptq``: GPTQ (act-order) on the HQQ grid, 3-bit g64 with 8-bit scales/zeros, 16 WikiText-2 windows.
+* ``gptaq``: GPTAQ (GPTQ toward the full-precision model's outputs on the quantized model's inputs), same grid.
 * ``gwq`` (arXiv 2411.00850): ``gptq`` plus the top 1.9% of every matrix by |gradient| kept as block outliers
   (int8 residuals, 3.593 bits/param on SmolLM2-135M); ``CSR_GWQ_SPEC`` is the paper's form, 0.99% in FP16 (3.598).
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 from ..calib.windows import CalibConfig
 from ..errors import SensiquantError
 from ..format.spec import LayerSpec
+from ..methods.gptaq import GPTAQConfig
 from ..methods.gptq import GPTQConfig
 from ..methods.outliers import OutlierConfig
 from ..methods.round import RoundConfig
@@ -22,7 +24,7 @@ from ..methods.signround import SignRoundConfig
 from .config import DEFAULT_SKIP, QuantConfig
 
 GPTQ_SPEC = LayerSpec(grid="hqq", bits=3, group_size=64, quant_meta=True)
-RECIPES = ("rtn", "hqq", "gptq", "gwq")
+RECIPES = ("rtn", "hqq", "gptq", "gptaq", "gwq")
 # GWQ's outliers as block residuals (about 17.7 instead of 34 bits each at this share): 1.9% of the weights at
 # 3.593 bits/param on SmolLM2-135M, where FP16 CSR bought 0.99% at 3.598 (and lost, BENCHMARKS.md)
 GWQ_SPEC = GPTQ_SPEC.replace(outlier_ratio=0.019, outlier_format="block")
@@ -39,7 +41,8 @@ def recipe(name: str, spec: LayerSpec | None = None, skip: tuple[str, ...] = DEF
     if name in ("rtn", "hqq"):
         default_spec, default_method = LayerSpec(grid=name), RoundConfig()
     else:
-        default_spec, default_method = (GWQ_SPEC if name == "gwq" else GPTQ_SPEC), GPTQConfig()
+        default_spec = GWQ_SPEC if name == "gwq" else GPTQ_SPEC
+        default_method = GPTAQConfig() if name == "gptaq" else GPTQConfig()
     return QuantConfig(method=method or default_method, default=spec or default_spec, skip=tuple(skip),
                        outliers=outliers or OutlierConfig(), calib=calib or CalibConfig())
 

@@ -55,11 +55,13 @@ class LadderConfig:
         g = self.group_size
         return self.bits + 2 * 8 / g + 2 * 32 / (g * META_GROUP_SIZE)
 
-    def spec(self, grid: str = "hqq", outlier_ratio: float = 0.0) -> LayerSpec:
-        """The :class:`LayerSpec` that stores a matrix with this rung (8-bit metadata, meta groups of 128)."""
+    def spec(self, grid: str = "hqq", outlier_ratio: float = 0.0, outlier_format: str = "csr") -> LayerSpec:
+        """The :class:`LayerSpec` that stores a matrix with this rung (8-bit metadata, meta groups of 128), with
+        ``outlier_ratio`` of its weights as outliers in ``outlier_format``."""
         return LayerSpec(
             grid=grid,
             outlier_ratio=outlier_ratio,
+            outlier_format=outlier_format,
             bits=self.bits,
             group_size=self.group_size,
             quant_meta=True,

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SensiquantError
-from ..format.spec import LayerSpec
+from ..format.spec import OUTLIER_FORMATS, LayerSpec
 from ..serialize import write_text_atomic
 from .ladder import LadderConfig
 
@@ -26,7 +26,7 @@ class PlanLayer:
     name: str
     shape: tuple[int, int]
     config: str  # ladder rung, e.g. "b3g64"
-    outlier_ratio: float = 0.0  # share kept in FP16 (GWQ outliers), counted in ``bits``
+    outlier_ratio: float = 0.0  # share kept as GWQ outliers (in the plan's outlier format), counted in ``bits``
     bits: int = 0  # exact stored bits, from the accounting function
     block: int | None = None  # transformer block index (None outside the repeated blocks)
     module: str = ""  # name inside the block, e.g. "self_attn.q_proj"
@@ -45,8 +45,8 @@ class PlanLayer:
     def numel(self) -> int:
         return self.shape[0] * self.shape[1]
 
-    def spec(self, grid: str = "hqq") -> LayerSpec:
-        return LadderConfig.from_name(self.config).spec(grid, self.outlier_ratio)
+    def spec(self, grid: str = "hqq", outlier_format: str = "csr") -> LayerSpec:
+        return LadderConfig.from_name(self.config).spec(grid, self.outlier_ratio, outlier_format)
 
 
 @dataclass
@@ -61,6 +61,7 @@ class Plan:
     grid: str = "hqq"  # grid fit of the codes (hqq or rtn)
     apply_method: str = "round"  # how the plan is applied by default: round on the grid, or GPTQ on it
     outlier_saliency: str = "grad"  # how GWQ outliers are picked, when any layer has outliers
+    outlier_format: str = "csr"  # how they are stored: FP16 CSR or int8 block residuals (format/spec.py)
     flagged: list[dict[str, Any]] = field(default_factory=list)  # detected outlier layers: block, part, z-score
     profiles: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # score per type across blocks
     settings: dict[str, Any] = field(default_factory=dict)  # the PlanConfig that made it
@@ -71,6 +72,9 @@ class Plan:
         names = [layer.name for layer in self.layers]
         if len(set(names)) != len(names):
             raise SensiquantError("plan lists a layer twice")
+        if self.outlier_format not in OUTLIER_FORMATS:
+            raise SensiquantError(f"plan outlier format must be one of {', '.join(OUTLIER_FORMATS)}, "
+                                  f"got {self.outlier_format!r}")
         if self.apply_method not in APPLY_METHODS:
             raise SensiquantError(f"plan apply method must be one of {', '.join(APPLY_METHODS)}, "
                                   f"got {self.apply_method!r}")
@@ -98,8 +102,8 @@ class Plan:
         raise SensiquantError(f"layer {name!r} is not in the plan")
 
     def specs(self) -> dict[str, LayerSpec]:
-        """The LayerSpec of every planned layer: its rung on the plan's grid and its outlier share."""
-        return {layer.name: layer.spec(self.grid) for layer in self.layers}
+        """The LayerSpec of every planned layer: its rung on the plan's grid and its outlier share and format."""
+        return {layer.name: layer.spec(self.grid, self.outlier_format) for layer in self.layers}
 
     def config_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}

@@ -8,7 +8,8 @@ budget-exact mode with optional GWQ outliers.
   up. As in the paper this costs a little more than the budget (~2%).
 * **exact** (ours, for mxq/sensiboost/kurtboost): the boosted layers are pinned and MXQ re-solves the rest, so the
   least important matrices pay for the boost and the total stays within the budget to the bit. With
-  ``outlier_ratios`` the options also include GWQ FP16 outliers (0.5%, 1% ...) per matrix, costed exactly.
+  ``outlier_ratios`` the options also include GWQ outliers (0.5%, 1% ...) per matrix, costed exactly in their
+  ``outlier_format`` (FP16 CSR or int8 block residuals).
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from torch import nn
 
 from ..calib import CalibConfig, GradientStats, calibration_windows, gradient_statistics
 from ..errors import SensiquantError
+from ..format.spec import OUTLIER_FORMATS
 from ..methods.gptq import GPTQConfig
 from ..methods.outliers import GRADIENT_SALIENCIES, OutlierConfig, saliency_scores
 from ..methods.round import RoundConfig
+from ..methods.signround import SignRoundConfig
 from ..pipeline import DEFAULT_SKIP, QuantConfig, QuantReport, quantize_model
 from ..pipeline.driver import check_finite
 from ..runtime.walk import find_linears
@@ -66,6 +69,7 @@ class PlanConfig(Config):
     error_metric: str = "frobenius"  # MXQ's ||W - Q||_F, or "fisher": gradient-weighted (needs a gradient pass)
     outlier_ratios: tuple[float, ...] = (0.0,)  # GWQ outlier shares a matrix may take
     outlier_saliency: str = "grad"
+    outlier_format: str = "csr"  # FP16 CSR (34 bits per outlier) or int8 block residuals (~18-22 bits)
     stop: int = 2  # rungs a flagged layer goes up (paper: 2-3)
     threshold: float = 3.0  # z-score above which a layer is an outlier layer
     top_m: int | None = 3  # keep at most this many flagged (block, type) pairs, largest z first
@@ -101,6 +105,9 @@ class PlanConfig(Config):
         if self.outlier_saliency not in GRADIENT_SALIENCIES + ("magnitude",):
             raise SensiquantError(f"plan outlier saliency must be one of grad, grad_weight, fisher, magnitude, "
                                   f"got {self.outlier_saliency!r}")
+        if self.outlier_format not in OUTLIER_FORMATS:
+            raise SensiquantError(f"unknown outlier format {self.outlier_format!r}: choose one of "
+                                  f"{', '.join(OUTLIER_FORMATS)}")
         if self.stop < 0:
             raise SensiquantError(f"stop must be >= 0, got {self.stop}")
         if self.top_m is not None and self.top_m < 0:
@@ -132,6 +139,7 @@ class _ErrorKey:
     rung: str
     ratio: float
     saliency: str | None  # how the option's outliers are picked (options with outliers only)
+    outlier_format: str | None  # how they are stored (options with outliers only)
     gradients: CalibConfig | None  # the gradient windows the metric or the outliers used
 
 
@@ -202,8 +210,8 @@ def make_plan(model: nn.Module, tokenizer, config: PlanConfig, progress: bool = 
     ladder = config.ladder_configs()
     options = [(c, r) for c in ladder for r in sorted(set(config.outlier_ratios)) if r == 0 or c.bits <= 4]
     n_params = sum(layer.weight.numel() for layer in layers.values())
-    problem = _Problem(names, layer_sites(names), ladder, options, option_costs(layers, options, config.grid),
-                       config.budget * n_params)
+    costs = option_costs(layers, options, config.grid, config.outlier_format)
+    problem = _Problem(names, layer_sites(names), ladder, options, costs, config.budget * n_params)
     cheapest = min_bits_for(problem.costs) / n_params
     if config.method != "uniform" and config.budget < cheapest:
         raise SensiquantError(f"budget {config.budget:g} bits/param is below the cheapest plan of this ladder "
@@ -212,7 +220,8 @@ def make_plan(model: nn.Module, tokenizer, config: PlanConfig, progress: bool = 
 
     plan = Plan(method=config.method, budget_bits_per_param=config.budget, layers=[], exact=config.exact,
                 model=model_name, grid=config.grid, apply_method=config.apply_method,
-                outlier_saliency=config.outlier_saliency, settings=config.to_dict())
+                outlier_saliency=config.outlier_saliency, outlier_format=config.outlier_format,
+                settings=config.to_dict())
     choice = np.full(len(names), problem.index[(uniform.name, 0.0)] if uniform else 0, dtype=np.int64)
     reasons = [f"uniform {uniform.name}" if uniform else ""] * len(names)
     allocated = choice.copy()
@@ -280,13 +289,14 @@ def _error_table(run: _Run, problem: _Problem, config: PlanConfig, gradients: Gr
     def key(option, metric):
         rung, ratio = option
         return _ErrorKey(config.grid, metric, rung.name, ratio, config.outlier_saliency if ratio else None,
-                         grads if metric == "fisher" or ratio else None)
+                         config.outlier_format if ratio else None, grads if metric == "fisher" or ratio else None)
 
     missing = [o for o in problem.options if key(o, config.error_metric) not in run.cache.errors]
     if missing:
         with run.timer("errors"):
             tables = option_errors(run.layers, missing, config.grid, saliency,
-                                   None if gradients is None else gradients.sq_sum, run.progress)
+                                   None if gradients is None else gradients.sq_sum, run.progress,
+                                   config.outlier_format)
         for metric, table in tables.items():
             for j, option in enumerate(missing):
                 run.cache.errors[key(option, metric)] = table[:, j]
@@ -381,9 +391,11 @@ def _boost(problem: _Problem, flagged: list[dict], allocated: np.ndarray, reason
     return choice, reasons, flagged
 
 
-def plan_quant_config(model: nn.Module, plan: Plan, method: RoundConfig | GPTQConfig | None = None) -> QuantConfig:
+def plan_quant_config(model: nn.Module, plan: Plan, method: RoundConfig | GPTQConfig | None = None,
+                      tuning: SignRoundConfig | None = None) -> QuantConfig:
     """The QuantConfig that applies ``plan`` to ``model``: each planned layer's rung and outlier share, the
-    plan's outlier saliency and gradient windows; ``method`` defaults to the plan's ``apply_method``."""
+    plan's outlier saliency and gradient windows; ``method`` defaults to the plan's ``apply_method``; ``tuning``
+    tunes the planned layers' rounding block by block (SignRound)."""
     modules = dict(model.named_modules())
     missing = [layer.name for layer in plan.layers if layer.name not in modules]
     if missing:
@@ -395,14 +407,15 @@ def plan_quant_config(model: nn.Module, plan: Plan, method: RoundConfig | GPTQCo
         method = GPTQConfig() if plan.apply_method == "gptq" else RoundConfig()
     calib = settings.gradient_calib
     return QuantConfig(method=method, overrides=planned, skip=settings.skip + tuple(unplanned),
-                       outliers=OutlierConfig(saliency=plan.outlier_saliency, seed=calib.seed), calib=calib)
+                       outliers=OutlierConfig(saliency=plan.outlier_saliency, seed=calib.seed), calib=calib,
+                       tuning=tuning)
 
 
 def apply_plan(model: nn.Module, tokenizer, plan: Plan, method: RoundConfig | GPTQConfig | None = None,
-               progress: bool = True) -> tuple[QuantReport, QuantConfig]:
+               progress: bool = True, tuning: SignRoundConfig | None = None) -> tuple[QuantReport, QuantConfig]:
     """Quantize ``model`` in place as the plan says (see :func:`plan_quant_config`); returns the report and the
     QuantConfig that was applied."""
-    config = plan_quant_config(model, plan, method)
+    config = plan_quant_config(model, plan, method, tuning)
     report = quantize_model(model, config, tokenizer, progress)
     report.extra["plan"] = plan.summary()
     return report, config

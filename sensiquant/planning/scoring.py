@@ -71,23 +71,23 @@ def layer_sites(names: Sequence[str]) -> dict[str, LayerSite]:
     return sites
 
 
-def option_costs(layers: dict[str, nn.Linear], options: Sequence[tuple[LadderConfig, float]], grid: str
-                 ) -> np.ndarray:
+def option_costs(layers: dict[str, nn.Linear], options: Sequence[tuple[LadderConfig, float]], grid: str,
+                 outlier_format: str = "csr") -> np.ndarray:
     """Exact stored bits of every (layer, option), from the accounting function."""
-    return np.array([[storage_bits(tuple(layer.weight.shape), c.spec(grid, r)) for c, r in options]
+    return np.array([[storage_bits(tuple(layer.weight.shape), c.spec(grid, r, outlier_format)) for c, r in options]
                      for layer in layers.values()], dtype=np.float64)
 
 
 @torch.no_grad()
 def option_errors(layers: dict[str, nn.Linear], options: Sequence[tuple[LadderConfig, float]], grid: str,
                   saliency: dict[str, torch.Tensor] | None = None,
-                  weight_importance: dict[str, torch.Tensor] | None = None, progress: bool = True
-                  ) -> dict[str, np.ndarray]:
+                  weight_importance: dict[str, torch.Tensor] | None = None, progress: bool = True,
+                  outlier_format: str = "csr") -> dict[str, np.ndarray]:
     """Reconstruction error of every (layer, option): quantize the weight with that option and measure.
 
     Returns {"frobenius": ||W - Q(W)||_F (MXQ)} and, when ``weight_importance`` (per-weight squared-gradient sums)
     is given, also {"fisher": sqrt(sum F * (W - Q(W))^2)}, an estimate of the loss increase that sees which weights
-    matter. Options with outliers keep the top-``ratio`` weights by ``saliency`` exact.
+    matter. Options with outliers keep the top-``ratio`` weights by ``saliency``, stored in ``outlier_format``.
     """
     metrics = ["frobenius"] + (["fisher"] if weight_importance is not None else [])
     errors = {m: np.zeros((len(layers), len(options))) for m in metrics}
@@ -97,7 +97,7 @@ def option_errors(layers: dict[str, nn.Linear], options: Sequence[tuple[LadderCo
         importance = None if weight_importance is None else weight_importance[name].float()
         for j, (config, ratio) in enumerate(options):
             mask = top_mask(saliency[name], ratio) if ratio > 0 else None
-            diff = (w - quantize_weight(w, config.spec(grid, ratio), mask).dequantize()).square_()
+            diff = (w - quantize_weight(w, config.spec(grid, ratio, outlier_format), mask).dequantize()).square_()
             errors["frobenius"][i, j] = float(diff.sum().sqrt())
             if importance is not None:
                 errors["fisher"][i, j] = float(diff.mul_(importance).sum().sqrt())

@@ -114,3 +114,15 @@ def test_cli_preset_best_tunes_and_stores_block_outliers(tiny_llama, text_file, 
     assert config.calib.samples == 2 and config.default.outlier_format == "block"
     loaded, _ = load_quantized(out, verify=True)
     assert sum(isinstance(m, QuantLinear) for m in loaded.modules()) == 14
+
+
+def test_cli_gptaq_writes_a_checkpoint_of_its_method(tiny_llama, text_file, tmp_path, capsys):
+    out = tmp_path / "gptaq"
+    rc = main(["quantize", str(tiny_llama), "--method", "gptaq", "--bits", "2", "--group-size", "32", "--calib",
+               str(text_file), "--calib-samples", "2", "--calib-seqlen", "64", "--out", str(out), "--json", "--quiet"])
+    assert rc == 0
+    assert json.loads(capsys.readouterr().out)["method"] == "gptaq"
+    config = QuantConfig.from_dict(read_manifest(out)["config"])
+    assert type(config.method).__name__ == "GPTAQConfig" and config.method.alpha == 0.25
+    loaded, _ = load_quantized(out, verify=True)
+    assert sum(isinstance(m, QuantLinear) for m in loaded.modules()) == 14

@@ -53,8 +53,8 @@ def test_tuning_never_ends_above_its_start(spec, method, seed):
     w1, w2, xs, targets = _block(seed)
     tunables, run = _tunables(w1, w2, xs, spec, method)
     result = sign_round(tunables, run, targets, SignRoundConfig(iters=30, lr=0.02, seed=seed))
-    kept = result.loss_end if result.kept == "tuned" else result.loss_start
-    assert kept <= result.loss_start
+    kept = result.loss_start if result.kept == "start" else result.loss_end
+    assert kept <= result.loss_start and result.kept in ("start", "tuned", "best step")
     with torch.no_grad():
         final = sum(float(nn.functional.mse_loss(run(i), t)) for i, t in enumerate(targets)) / len(targets)
     assert final == pytest.approx(kept, rel=1e-5)
@@ -64,7 +64,21 @@ def test_tuning_lowers_the_block_error_from_round_to_nearest():
     w1, w2, xs, targets = _block(3)
     tunables, run = _tunables(w1, w2, xs, SPECS[0], RoundConfig())
     result = sign_round(tunables, run, targets, SignRoundConfig(iters=60, lr=0.02))
-    assert result.kept == "tuned" and result.loss_end < 0.9 * result.loss_start
+    assert result.kept != "start" and result.loss_end < 0.9 * result.loss_start
+
+
+def test_an_overshooting_run_keeps_its_best_step():
+    """Large steps late in the run overshoot: the best step's parameters come back, not the last ones."""
+    w1, w2, xs, targets = _block(0)
+    seen = []
+    for lr in (0.05, 0.3):
+        tunables, run = _tunables(w1, w2, xs, SPECS[0], RoundConfig())
+        result = sign_round(tunables, run, targets, SignRoundConfig(iters=30, lr=lr, scale_range=0.9))
+        with torch.no_grad():
+            final = sum(float(nn.functional.mse_loss(run(i), t)) for i, t in enumerate(targets)) / len(targets)
+        assert final == pytest.approx(result.loss_start if result.kept == "start" else result.loss_end, rel=1e-5)
+        seen.append(result.kept)
+    assert seen == ["best step"] * 2  # seed 0: both end above one of their steps
 
 
 def test_a_kept_start_restores_the_start_exactly():

@@ -178,7 +178,45 @@ def test_sequential_blocks_reproduce_the_forward(tiny_llama, text_file):
     # with nothing quantized, the second block's Hessians equal those of one plain forward pass
     ref = input_statistics(model, windows, {"model.layers.1.mlp.down_proj": layers["model.layers.1.mlp.down_proj"]},
                            progress=False).hessian["model.layers.1.mlp.down_proj"]
-    assert torch.allclose(seen["model.layers.1.mlp.down_proj"], ref, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(seen["model.layers.1.mlp.down_proj"]["hessian"], ref, rtol=1e-4, atol=1e-6)
+
+
+def test_asymmetric_statistics_on_one_stream_are_the_hessians(tiny_llama, text_file):
+    """Before anything is quantized both streams are one: no cross term, the same Hessians, the block's outputs."""
+    from sensiquant.calib.sequential import (
+        block_asymmetric_statistics,
+        block_hessians,
+        capture_block_inputs,
+        find_block_list,
+        hidden_of,
+    )
+
+    model, tok = load_model(str(tiny_llama))
+    windows = calibration_windows(tok, _calib(text_file))
+    layers = find_linears(model, ["lm_head"])
+    prefix, blocks = find_block_list(model, list(layers))
+    inputs = capture_block_inputs(model, blocks[0], windows)
+    names = [n for n in layers if n.startswith(prefix + ".0.")]
+    stats, fp_out = block_asymmetric_statistics(model, blocks[0], inputs, [hidden_of(a, k) for a, k in inputs],
+                                                names)
+    ref = block_hessians(model, blocks[0], inputs, names)
+    for n in names:
+        assert torch.allclose(stats[n]["hessian"], ref[n], rtol=1e-5, atol=1e-7)
+        assert float(stats[n]["asym_cross"].abs().max()) == 0.0
+    out = blocks[0](*inputs[0][0], **inputs[0][1])
+    assert torch.equal(fp_out[0], out[0] if isinstance(out, tuple) else out)
+
+
+def test_gptaq_recipe_runs_block_by_block_and_differs_from_gptq(tiny_llama, text_file):
+    out = {}
+    for name in ("gptq", "gptaq"):
+        config = recipe(name, spec=LayerSpec(grid="rtn", bits=2, group_size=32), calib=_calib(text_file))
+        model, _, report = api.quantize(str(tiny_llama), config, progress=False)
+        assert set(report.layers) == set(find_linears(load_model(str(tiny_llama))[0], ["lm_head", "*embed*"]))
+        out[name] = (model.model.layers[0].self_attn.q_proj.dequantize(),
+                     model.model.layers[1].mlp.down_proj.dequantize())
+    assert torch.equal(out["gptq"][0], out["gptaq"][0])  # the first block's inputs are the same on both streams
+    assert not torch.equal(out["gptq"][1], out["gptaq"][1])  # later blocks see the quantized stream drift
 
 
 def test_sequential_gptq_differs_from_one_pass(tiny_llama, text_file):
@@ -193,6 +231,7 @@ def test_sequential_gptq_differs_from_one_pass(tiny_llama, text_file):
 def test_a_config_names_the_statistics_it_calibrates():
     assert recipe("hqq").needs == frozenset() and recipe("rtn").needs == frozenset()
     assert recipe("gptq").needs == {"hessian"}
+    assert recipe("gptaq").needs == {"hessian", "asym_cross"}
     assert gwq().needs == {"hessian", "grad_abs_sum"}
     one_layer = QuantConfig(overrides={"x": LayerSpec(outlier_ratio=0.01)}, outliers=OutlierConfig("fisher"))
     assert one_layer.needs == {"grad_sq_sum"}  # an override with outliers is enough

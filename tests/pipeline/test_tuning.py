@@ -8,7 +8,7 @@ from sensiquant.calib import CalibConfig, calibration_windows
 from sensiquant.errors import SensiquantError
 from sensiquant.format import LayerSpec
 from sensiquant.io import load_model
-from sensiquant.methods import GPTQConfig, RoundConfig, SignRoundConfig
+from sensiquant.methods import GPTAQConfig, GPTQConfig, RoundConfig, SignRoundConfig
 from sensiquant.pipeline import QuantConfig, quantize_model
 from sensiquant.pipeline.blockwise import tuning_batches
 from sensiquant.runtime import QuantLinear
@@ -25,7 +25,7 @@ def _hidden(model, ids):
         return model.model(input_ids=ids).last_hidden_state
 
 
-@pytest.mark.parametrize("method", [RoundConfig(), GPTQConfig()])
+@pytest.mark.parametrize("method", [RoundConfig(), GPTQConfig(), GPTAQConfig()])
 def test_tuned_blocks_never_end_above_their_start(tiny_llama, text_file, method):
     model, tok = load_model(str(tiny_llama))
     tuning = SignRoundConfig(iters=8, lr=0.02, seqlen=64, batch_size=2)

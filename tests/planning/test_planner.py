@@ -25,8 +25,8 @@ def _model(n_layers: int, plant: int | None = None):
 
 def _config(method, budget=3.5, **kw):
     calib = CalibConfig(source="text", samples=2, seqlen=64)
-    return PlanConfig(method=method, budget=budget, ladder=tuple(LADDER), sensitivity_calib=calib,
-                      gradient_calib=calib, **kw)
+    return PlanConfig(method=method, budget=budget, ladder=tuple(LADDER), **{"sensitivity_calib": calib,
+                                                                              "gradient_calib": calib, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +120,56 @@ def test_exact_mode_with_gwq_outliers_counts_them_in_the_budget(tok, tmp_path):
     report, quant_config = apply_plan(model, tok, plan, progress=False)
     assert report.quantized_bits == plan.total_bits  # outliers included, to the bit
     assert report.n_outliers == sum(round(layer.outlier_ratio * layer.numel) for layer in plan.layers)
+
+
+def test_block_outliers_in_plans_cost_less_and_are_stored_as_planned(tok, text_file):
+    """The same options cost less as block residuals than as FP16 CSR, so an exact plan at the same budget affords
+    more outliers or higher rungs; applying it stores block outliers, to the bit of the plan."""
+    csr_plan = make_plan(_model(2), tok, _config("mxq", 3.6, exact=True, outlier_ratios=(0.0, 0.02)), progress=False)
+    model = _model(2, plant=1)  # heavy-tailed weights, where outliers pay
+    config = _config("mxq", 3.6, exact=True, outlier_ratios=(0.0, 0.02), outlier_format="block",
+                     gradient_calib=CalibConfig(source=str(text_file), samples=2, seqlen=64))
+    plan = make_plan(model, tok, config, progress=False)
+    assert plan.outlier_format == "block" and plan.total_bits <= 3.6 * plan.total_params
+    spec = LadderConfig.from_name("b3g64").spec("hqq", 0.02, "block")
+    assert spec.outlier_format == "block"
+    from sensiquant.format import storage_bits
+
+    shape = plan.layers[0].shape
+    assert storage_bits(shape, spec) < storage_bits(shape, spec.replace(outlier_format="csr"))
+    first = plan.layers[0]  # tiny matrices rarely buy outliers: give one layer a share, at its exact cost
+    first.config, first.outlier_ratio = "b3g64", 0.02
+    first.bits = storage_bits(first.shape, spec)
+    report, quant_config = apply_plan(model, tok, plan, progress=False)
+    assert all(s.outlier_format == "block" for s in quant_config.overrides.values())
+    assert report.quantized_bits == plan.total_bits
+    assert report.layers[first.name].n_outliers == round(0.02 * first.numel)
+    # the JSON keeps the format; a plan written before it existed reads as CSR
+    assert Plan.from_json(plan.to_json()).outlier_format == "block"
+    old = plan.to_dict()
+    old.pop("outlier_format")
+    assert Plan.from_dict(old).outlier_format == "csr"
+    assert csr_plan.outlier_format == "csr"
+    with pytest.raises(SensiquantError, match="outlier format"):
+        PlanConfig(outlier_format="coo")
+
+
+def test_a_plan_applies_with_block_tuning(tok, tiny_llama, text_file, tmp_path):
+    from sensiquant.io import load_model
+
+    model, tok2 = load_model(str(tiny_llama))
+    config = _config("mxq", 3.6, exact=True, outlier_ratios=(0.0, 0.02), outlier_format="block",
+                     gradient_calib=CalibConfig(source=str(text_file), samples=2, seqlen=64))
+    plan_path = make_plan(model, tok2, config, progress=False).save(tmp_path / "plan.json")
+    out = tmp_path / "ckpt"
+    assert main(["quantize", str(tiny_llama), "--plan", str(plan_path), "--tune", "--tune-iters", "2", "--out",
+                 str(out), "--quiet"]) == 0
+    manifest = json.loads((out / "sensiquant.json").read_text())
+    assert manifest["config"]["tuning"]["iters"] == 2
+    assert load_quantized(out)[0] is not None
+    assert main(["plan", str(tiny_llama), "--budget", "3.6", "--method", "mxq", "--ladder", ",".join(LADDER),
+                 "--outlier-format", "block", "--out", str(tmp_path / "p2.json"), "--quiet"]) == 0
+    assert Plan.load(tmp_path / "p2.json").outlier_format == "block"
 
 
 def test_apply_save_reload_runs(tok, tiny_llama, tmp_path):
