@@ -80,6 +80,8 @@ def grids() -> dict[str, list]:
                  bf16, samples=16),
             _row("3b g64 meta8 hqq rtn grad 4.3% block + signround50 bf16 n16", 3, 64, "round", 0.043, "block",
                  bf16, samples=16),
+            _row("3b g64 meta8 hqq rtn grad 4.3% block + signround50 bf16 lr0.02 n16", 3, 64, "round", 0.043,
+                 "block", {"compute_dtype": "bfloat16", "lr": 0.02}, samples=16),
         ],
     }
 

@@ -8,7 +8,7 @@ from ..errors import SensiquantError
 _CALIB_FLAGS = {"--calib": "calib", "--calib-samples": "calib_samples", "--calib-seqlen": "calib_seqlen"}
 _OUTLIER_FLAGS = {"--saliency": "saliency", "--outlier-scope": "outlier_scope"}
 _GPTQ_FLAGS = {"--act-order": "act_order"}
-_TUNE_FLAGS = {"--tune-iters": "tune_iters", "--tune-dtype": "tune_dtype"}
+_TUNE_FLAGS = {"--tune-iters": "tune_iters", "--tune-lr": "tune_lr", "--tune-dtype": "tune_dtype"}
 _METHOD_FLAGS = {"--method": "method", "--preset": "preset", "--bits": "bits", "--group-size": "group_size",
                  "--quant-meta": "quant_meta", "--grid": "grid", "--outlier-ratio": "outlier_ratio",
                  "--outlier-format": "outlier_format", **_OUTLIER_FLAGS, **_GPTQ_FLAGS}
@@ -63,7 +63,7 @@ def quant_config(args):
 
 def tuning_config(args, base=None):
     """The block tuning of a `quantize` command line: ``base`` (the recipe's or preset's), switched by --tune /
-    --no-tune and changed by --tune-iters / --tune-dtype; None for no tuning."""
+    --no-tune and changed by --tune-iters / --tune-lr / --tune-dtype; None for no tuning."""
     from ..methods import SignRoundConfig
 
     tuning = base
@@ -72,8 +72,8 @@ def tuning_config(args, base=None):
     if tuning is None and _given(args, _TUNE_FLAGS):
         raise SensiquantError(f"{_given(args, _TUNE_FLAGS)[0]} applies only with block tuning (--tune)")
     if tuning is not None:
-        tuning = tuning.replace(**{k: v for k, v in (("iters", args.tune_iters), ("compute_dtype", args.tune_dtype))
-                                   if v is not None})
+        tuning = tuning.replace(**{k: v for k, v in (("iters", args.tune_iters), ("lr", args.tune_lr),
+                                                     ("compute_dtype", args.tune_dtype)) if v is not None})
     return tuning
 
 

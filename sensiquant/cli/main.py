@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tune the rounding block by block to match the full-precision block outputs (default: on "
                         "for --preset best; also applies with --plan and --budget)")
     t.add_argument("--tune-iters", type=_at_least(0), default=None, help=f"steps per block (default {tuning.iters})")
+    t.add_argument("--tune-lr", type=float, default=None,
+                   help=f"first step, decayed linearly to 0 (default {tuning.lr}; 0.02 = 1/iters won with 16 windows, "
+                        "BENCHMARKS.md)")
     t.add_argument("--tune-dtype", choices=["float32", "bfloat16"], default=None,
                    help=f"dtype of the tuning forward/backward (default {tuning.compute_dtype})")
     _add_ppl(q)

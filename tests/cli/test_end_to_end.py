@@ -90,6 +90,8 @@ def test_cli_quantize_and_eval(tiny_llama, text_file, tmp_path, capsys):
     (["eval", "TINY", "--ppl", "nosuchset"], "unknown dataset"),
     (["quantize", "TINY", "--preset", "best", "--method", "gwq"], "either --preset or --method"),
     (["quantize", "TINY", "--method", "gptq", "--tune-iters", "3"], "--tune-iters applies only with block tuning"),
+    (["quantize", "TINY", "--method", "hqq", "--tune-lr", "0.02"], "--tune-lr applies only with block tuning"),
+    (["quantize", "TINY", "--preset", "best", "--tune-lr", "-1"], "learning rate must be positive"),
     (["quantize", "TINY", "--preset", "best", "--no-tune", "--tune-dtype", "bfloat16"], "applies only with block"),
     (["quantize", "TINY", "--outlier-format", "dense"], "invalid choice"),
 ])
@@ -102,15 +104,15 @@ def test_cli_errors_are_one_line(tiny_llama, text_file, capsys, argv, message):
 
 def test_cli_preset_best_tunes_and_stores_block_outliers(tiny_llama, text_file, tmp_path, capsys):
     out = tmp_path / "best"
-    rc = main(["quantize", str(tiny_llama), "--preset", "best", "--tune-iters", "2", "--calib", str(text_file),
-               "--calib-samples", "2", "--calib-seqlen", "256", "--out", str(out), "--json", "--quiet"])
+    rc = main(["quantize", str(tiny_llama), "--preset", "best", "--tune-iters", "2", "--tune-lr", "0.02", "--calib",
+               str(text_file), "--calib-samples", "2", "--calib-seqlen", "256", "--out", str(out), "--json", "--quiet"])
     assert rc == 0
     q = json.loads(capsys.readouterr().out)
     assert q["preset"] == "best" and q["tuned"] and q["n_outliers"] > 0
     assert q["spec"]["outlier_format"] == "block"
     manifest = read_manifest(out)
     config = QuantConfig.from_dict(manifest["config"])
-    assert config.tuning is not None and config.tuning.iters == 2
+    assert config.tuning is not None and config.tuning.iters == 2 and config.tuning.lr == 0.02
     assert config.calib.samples == 2 and config.default.outlier_format == "block"
     loaded, _ = load_quantized(out, verify=True)
     assert sum(isinstance(m, QuantLinear) for m in loaded.modules()) == 14
