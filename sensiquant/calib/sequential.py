@@ -73,7 +73,9 @@ def block_hessians(model: nn.Module, block: nn.Module, inputs: list[tuple[tuple,
     return {n: a.h for n, a in acc.items()}
 
 
-def _output(out) -> torch.Tensor:
+def run_block(block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states ``block`` returns for one captured call (decoder layers return a tuple or a tensor)."""
+    out = block(*args, **kwargs)
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -107,8 +109,7 @@ def block_asymmetric_statistics(model: nn.Module, block: nn.Module, inputs: list
     try:
         for hidden, (args, kwargs) in zip(fp_hidden, inputs, strict=True):
             mode[0] = "fp"
-            fp_args, fp_kwargs = with_hidden(args, kwargs, hidden)
-            fp_out.append(_output(block(*fp_args, **fp_kwargs)))
+            fp_out.append(run_block(block, *with_hidden(args, kwargs, hidden)))
             mode[0] = "quantized"
             block(*args, **kwargs)
     finally:
@@ -141,5 +142,5 @@ def calibrate_sequentially(model: nn.Module, prefix: str, blocks: nn.ModuleList,
             quantize_block(stats)
         outputs = []
         for args, kwargs in inputs:
-            outputs.append(with_hidden(args, kwargs, _output(block(*args, **kwargs))))
+            outputs.append(with_hidden(args, kwargs, run_block(block, args, kwargs)))
         inputs = outputs

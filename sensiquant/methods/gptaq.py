@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import SensiquantError
-from ..format.qweight import QuantizedWeight, encode
+from ..format.qweight import QuantizedWeight
 from ..format.spec import LayerSpec
 from .base import register
-from .gptq import GPTQConfig, gptq_solve
+from .gptq import GPTQConfig, gptq_quantize, gptq_solve
 
 
 @dataclass(frozen=True)
@@ -35,15 +35,19 @@ class GPTAQConfig(GPTQConfig):
             raise SensiquantError(f"GPTAQ alpha must be a non-negative number, got {self.alpha!r}")
 
 
+def _checked(w: torch.Tensor, cross: torch.Tensor, config: GPTAQConfig | None) -> GPTAQConfig:
+    n = w.shape[-1]
+    if tuple(cross.shape) != (n, n):
+        raise ValueError(f"cross term shape {tuple(cross.shape)} does not match in_features {n}")
+    return config or GPTAQConfig()
+
+
 def gptaq_solve(w: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, spec: LayerSpec,
                 outlier_mask: torch.Tensor | None = None, config: GPTAQConfig | None = None,
                 return_base: bool = False) -> tuple[torch.Tensor, ...]:
     """:func:`~sensiquant.methods.gptq.gptq_solve` with GPTAQ's asymmetric term; ``hessian`` is 2/n X~^T X~ and
     ``cross`` 2/n (X - X~)^T X~, both (in, in)."""
-    config = config or GPTAQConfig()
-    n = w.shape[-1]
-    if tuple(cross.shape) != (n, n):
-        raise ValueError(f"cross term shape {tuple(cross.shape)} does not match in_features {n}")
+    config = _checked(w, cross, config)
     return gptq_solve(w, hessian, spec, outlier_mask, config.damp, config.block_size, config.act_order,
                       return_base, asym_cross=cross, alpha=config.alpha)
 
@@ -51,9 +55,9 @@ def gptaq_solve(w: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, spe
 def gptaq_quantize(w: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, spec: LayerSpec,
                    outlier_mask: torch.Tensor | None = None, config: GPTAQConfig | None = None) -> QuantizedWeight:
     """Quantize an (out, in) weight with GPTAQ; stored exactly as GPTQ stores its result."""
-    w_final, scale, zero = gptaq_solve(w, hessian, cross, spec, outlier_mask, config)
-    mask = None if outlier_mask is None else outlier_mask.to(device=w_final.device, dtype=torch.bool)
-    return encode(w_final, scale, zero, spec, mask)
+    config = _checked(w, cross, config)
+    return gptq_quantize(w, hessian, spec, outlier_mask, config.damp, config.block_size, config.act_order,
+                         asym_cross=cross, alpha=config.alpha)
 
 
 @register(GPTAQConfig, "gptaq", needs=("hessian", "asym_cross"))

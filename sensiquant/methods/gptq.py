@@ -136,14 +136,13 @@ def gptq_solve(w: torch.Tensor, hessian: torch.Tensor, spec: LayerSpec, outlier_
         P = alpha * torch.triu(C @ Hinv.t(), diagonal=1) @ Hinv
         del C
     Q = torch.zeros_like(W)
-    U = torch.zeros_like(W) if return_base else None
+    U = torch.zeros_like(W) if return_base or P is not None else None  # each column just before it is rounded
 
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
         W1 = W[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
-        Base1 = torch.zeros_like(W1) if P is not None else None
         for i in range(i2 - i1):
             col = i1 + i
             j = group_of[col]
@@ -165,30 +164,31 @@ def gptq_solve(w: torch.Tensor, hessian: torch.Tensor, spec: LayerSpec, outlier_
                 U[:, col] = wc
             err = (wc - q) / Hinv1[i, i]
             if P is not None:
-                Base1[:, i] = wc
                 W1[:, i + 1:] += wc[:, None] * P[col, col + 1:i2][None, :]
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
         if P is not None:
-            W[:, i2:] += Base1 @ P[i1:i2, i2:]
+            W[:, i2:] += U[:, i1:i2] @ P[i1:i2, i2:]
 
     if perm is not None:
         inverse = torch.argsort(perm)
         Q = Q[:, inverse]
-        U = None if U is None else U[:, inverse]
+        U = U[:, inverse] if return_base else None
     return (Q, scale, zero, U) if return_base else (Q, scale, zero)
 
 
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, spec: LayerSpec, outlier_mask: torch.Tensor | None = None,
-                  damp: float = 0.01, block_size: int = 128, act_order: bool = False) -> QuantizedWeight:
+                  damp: float = 0.01, block_size: int = 128, act_order: bool = False,
+                  asym_cross: torch.Tensor | None = None, alpha: float = 0.0) -> QuantizedWeight:
     """Quantize an (out, in) weight with GPTQ against ``hessian`` (``sensiquant.calib.accumulate_hessian``).
 
     ``spec`` sets bits, groups and the grid fit (RTN or HQQ); ``outlier_mask`` marks weights kept in FP16;
     ``damp`` is the share of mean(diag H) added to the diagonal; ``act_order`` visits columns by descending
     diag(H) with static groups. The codes are stored against the FP16 scale/zero exactly as ``quantize_weight`` does.
     """
-    w_final, scale, zero = gptq_solve(w, hessian, spec, outlier_mask, damp, block_size, act_order)
+    w_final, scale, zero = gptq_solve(w, hessian, spec, outlier_mask, damp, block_size, act_order,
+                                      asym_cross=asym_cross, alpha=alpha)
     mask = None if outlier_mask is None else outlier_mask.to(device=w_final.device, dtype=torch.bool)
     return encode(w_final, scale, zero, spec, mask)
 

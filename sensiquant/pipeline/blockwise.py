@@ -2,7 +2,7 @@
 
 Two streams of calibration activations go through the decoder blocks: the full-precision model's and the quantized
 model's. For each block: its full-precision output on the full-precision stream is the target; its layers start
-from the method's solution (GPTQ on the Hessians of the quantized stream, or round to nearest); their rounding is
+from the method's solution (GPTQ or GPTAQ on the statistics of the streams, or round to nearest); their rounding is
 tuned so the block's output on the quantized stream matches the target; the tuned layers are stored, and the
 quantized block produces the next block's quantized stream.
 """
@@ -15,7 +15,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calib.sequential import block_asymmetric_statistics, block_hessians, capture_block_inputs, hidden_of, with_hidden
+from ..calib.sequential import (
+    block_asymmetric_statistics,
+    block_hessians,
+    capture_block_inputs,
+    hidden_of,
+    run_block,
+    with_hidden,
+)
 from ..format.qweight import QuantizedWeight
 from ..methods.signround import SignRoundConfig, TunableWeight, TunedLinear, TuneResult, sign_round
 from ..runtime.walk import set_module
@@ -28,11 +35,6 @@ def tuning_batches(windows: torch.Tensor, config: SignRoundConfig) -> list[dict]
     length = min(config.seqlen, seqlen)
     samples = windows[:, : seqlen // length * length].reshape(-1, length)
     return [{"input_ids": samples[i:i + config.batch_size]} for i in range(0, samples.shape[0], config.batch_size)]
-
-
-def _call(block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
-    out = block(*args, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
 
 
 def tune_blocks(model: nn.Module, prefix: str, blocks: nn.ModuleList, batches: list[dict], layer_names: list[str],
@@ -57,7 +59,7 @@ def tune_blocks(model: nn.Module, prefix: str, blocks: nn.ModuleList, batches: l
                 if "asym_cross" in needs and names:
                     stats, targets = block_asymmetric_statistics(model, block, inputs, fp, names)
                 else:
-                    targets = [_call(block, *with_hidden(a, k, h)) for h, (a, k) in zip(fp, inputs)]
+                    targets = [run_block(block, *with_hidden(a, k, h)) for h, (a, k) in zip(fp, inputs)]
                     stats = ({n: {"hessian": h} for n, h in block_hessians(model, block, inputs, names).items()}
                              if "hessian" in needs and names else {})
             if names:
@@ -68,7 +70,7 @@ def tune_blocks(model: nn.Module, prefix: str, blocks: nn.ModuleList, batches: l
                     set_module(model, n, TunedLinear(tunables[n], layer.bias))
 
                 def run(j: int, block=block, inputs=inputs) -> torch.Tensor:
-                    return _call(block, *inputs[j])
+                    return run_block(block, *inputs[j])
 
                 with torch.enable_grad():
                     results[i] = sign_round(list(tunables.values()), run, targets, config)
@@ -76,7 +78,7 @@ def tune_blocks(model: nn.Module, prefix: str, blocks: nn.ModuleList, batches: l
                 for n, t in tunables.items():
                     finish(n, t.finalize())
             with torch.no_grad():
-                inputs = [with_hidden(a, k, _call(block, a, k)) for a, k in inputs]
+                inputs = [with_hidden(a, k, run_block(block, a, k)) for a, k in inputs]
             fp = targets
     finally:
         for p, flag in grad_flags:
