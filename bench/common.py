@@ -33,9 +33,10 @@ def run_json(cmd: list[str]) -> dict:
     return {**result, "wall_seconds": time.perf_counter() - start}
 
 
-def run_child(module: str, child_args: list[str], extra_args: list[str]) -> dict:
-    """``python -m MODULE --child ARGS... EXTRA...`` in a fresh process; its last JSON line (or its error)."""
-    return run_json([sys.executable, "-m", module, "--child", *child_args, *extra_args])
+def run_child(module: str, child_args: list[str], extra_args: list[str], python: str | None = None) -> dict:
+    """``python -m MODULE --child ARGS... EXTRA...`` in a fresh process (``python``: another interpreter, e.g. a
+    peer's own virtual environment); its last JSON line (or its error)."""
+    return run_json([python or sys.executable, "-m", module, "--child", *child_args, *extra_args])
 
 
 def run_all(module: str, configs: list[tuple[str, dict | None]], out: str, header: dict, extra_args: list[str],

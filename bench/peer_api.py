@@ -62,6 +62,8 @@ class Peer:
     available: Callable[[], str | None]  # None when it can run here, else why not (one line)
     run: Callable[[str, PeerContext], PeerRun]
     version: Callable[[], str] = lambda: ""
+    # the interpreter its settings run with, for a tool that needs its own environment (None: this one)
+    python: Callable[[], str] | None = None
 
 
 def module_bytes(module: torch.nn.Module) -> int:

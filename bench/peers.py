@@ -24,7 +24,8 @@ import torch
 from bench.common import RESULTS, peak_rss_mb, run_child, write_json
 from bench.peer_api import MODEL, Peer, PeerContext, PeerRun
 
-ADAPTERS = ("bench.peers_sensiquant", "bench.peers_hf", "bench.peers_llamacpp", "bench.peers_calib")
+ADAPTERS = ("bench.peers_sensiquant", "bench.peers_hf", "bench.peers_llamacpp", "bench.peers_calib",
+            "bench.peers_llmcompressor")
 DATASETS = ("wikitext2", "c4")
 
 
@@ -134,7 +135,8 @@ def main() -> None:
                 extra += ["--data-dir", args.data_dir]
             rows = [r for r in rows if (r["peer"], r["setting"]) != (name, setting)]
             rows.append({"peer": name, "setting": setting, "version": version,
-                         **run_child("bench.peers", [name, setting], extra)})
+                         **run_child("bench.peers", [name, setting], extra,
+                                     python=peer.python() if peer.python else None)})
             row = rows[-1]
             print(json.dumps(row), flush=True)
             save()

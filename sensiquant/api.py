@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from .calib.distributed import init_from_env, is_main, world_size
 from .data import load_text
 from .errors import SensiquantError
 from .eval.perplexity import SEQLEN, PerplexityResult, perplexity
@@ -17,8 +18,10 @@ from .methods.gptq import GPTQConfig
 from .methods.round import RoundConfig
 from .methods.signround import SignRoundConfig
 from .pipeline import DEFAULT_SKIP, QuantConfig, QuantReport, quantize_model, recipe
-from .planning import Plan, PlanConfig, apply_plan, make_plan
-from .runtime.walk import model_size_bytes
+from .pipeline.resume import ResumeState, resume_dir
+from .planning import Plan, PlanConfig, apply_plan, make_plan, plan_quant_config
+from .runtime.device import DEFAULT_DEVICE, resolve_device
+from .runtime.walk import find_linears, model_size_bytes
 
 DEFAULT_RECIPE = "hqq"
 
@@ -88,21 +91,46 @@ def as_quant_config(config: QuantConfig | LayerSpec | str | None) -> QuantConfig
 
 def quantize(model_name: str, config: QuantConfig | LayerSpec | str | None = None, out_dir: str | Path | None = None,
              progress: bool = True, trust_remote_code: bool = False, calib_batches: list[dict] | None = None,
-             overwrite: bool = False, evaluate=None) -> tuple[torch.nn.Module, object, QuantReport]:
+             overwrite: bool = False, evaluate=None, resume: bool = True, device: str | None = DEFAULT_DEVICE
+             ) -> tuple[torch.nn.Module, object, QuantReport]:
     """Load ``model_name``, quantize it as ``config`` says (see :func:`as_quant_config`), optionally save it
     (``out_dir`` is checked before any work, see :func:`check_out_dir`). ``evaluate(model, tokenizer)``, if given,
     runs on the quantized model before it is saved, and the perplexities it returns ({text name:
-    PerplexityResult}) go on the checkpoint's model card. Returns (model, tokenizer, report)."""
+    PerplexityResult}) go on the checkpoint's model card. With ``out_dir`` and ``resume``, a calibrated run keeps
+    its finished work beside ``out_dir`` and picks up what an interrupted run of the same job kept
+    (:mod:`sensiquant.pipeline.resume`); ``resume=False`` starts afresh. ``device`` ("auto": a GPU where there is
+    one, "cpu", "cuda", "cuda:N") is where the model and every statistic live while quantizing. Under torchrun the
+    ranks share the calibration windows (:mod:`sensiquant.calib.distributed`) and rank 0 writes.
+    Returns (model, tokenizer, report)."""
     config = as_quant_config(config)
     check_not_a_checkpoint(model_name)
+    init_from_env()
+    progress = progress and is_main()
+    target = resolve_device(device)
     if out_dir is not None:
         check_out_dir(out_dir, model_name, overwrite)
     model, tokenizer = load_model(model_name, trust_remote_code=trust_remote_code)
-    report = quantize_model(model, config, tokenizer, progress, calib_batches)
+    model.to(target)
+    state = _resume_state(out_dir, resume, model, config)
+    report = quantize_model(model, config, tokenizer, progress, calib_batches, resume=state)
     card = _card(model_name, model, tokenizer, evaluate)
-    if out_dir is not None:
+    if out_dir is not None and is_main():
         save_quantized(model, tokenizer, out_dir, config, report, card=card)
+    if state is not None:
+        state.remove()
     return model, tokenizer, report
+
+
+def _resume_state(out_dir, resume: bool, model, config: QuantConfig) -> ResumeState | None:
+    """The resume state of a run writing ``out_dir`` (None: nothing to keep, or ``resume`` is off, in which case
+    what an earlier run kept is dropped)."""
+    if out_dir is None or world_size() > 1:  # several processes: not kept (yet)
+        return None
+    root = resume_dir(out_dir)
+    if not resume or not config.calibrated:
+        ResumeState(root, {}).remove()
+        return None
+    return ResumeState.open(root, config.to_dict(), find_linears(model, config.skip))
 
 
 def _card(model_name: str, model, tokenizer, evaluate) -> dict:
@@ -123,23 +151,32 @@ def plan(model_name: str, config: PlanConfig, progress: bool = True, trust_remot
 def quantize_with_plan(model_name: str, plan_or_config: Plan | PlanConfig, out_dir: str | Path | None = None,
                        method: RoundConfig | GPTQConfig | None = None, progress: bool = True,
                        trust_remote_code: bool = False, overwrite: bool = False,
-                       tuning: SignRoundConfig | None = None, evaluate=None):
+                       tuning: SignRoundConfig | None = None, evaluate=None, resume: bool = True,
+                       device: str | None = DEFAULT_DEVICE):
     """Load ``model_name``, plan it (when given a PlanConfig) and quantize it as planned, with ``method`` or the
     plan's own, block-tuned when ``tuning`` is given; optionally save it (the plan is written next to the
-    checkpoint as plan.json; ``evaluate`` as in :func:`quantize`).
-    Returns (model, tokenizer, report, plan)."""
+    checkpoint as plan.json; ``evaluate``, ``resume`` and ``device`` as in :func:`quantize`; planning itself is
+    redone, on the CPU). Returns (model, tokenizer, report, plan)."""
     check_not_a_checkpoint(model_name)
+    init_from_env()
+    progress = progress and is_main()
+    target = resolve_device(device)
     if out_dir is not None:
         check_out_dir(out_dir, model_name, overwrite)
     model, tokenizer = load_model(model_name, trust_remote_code=trust_remote_code)
     the_plan = plan_or_config
     if isinstance(plan_or_config, PlanConfig):
         the_plan = make_plan(model, tokenizer, plan_or_config, progress, model_name=str(model_name))
-    report, config = apply_plan(model, tokenizer, the_plan, method, progress, tuning)
+    model.to(target)
+    config = plan_quant_config(model, the_plan, method, tuning)
+    state = _resume_state(out_dir, resume, model, config)
+    report, config = apply_plan(model, tokenizer, the_plan, method, progress, tuning, resume=state)
     card = _card(model_name, model, tokenizer, evaluate)
-    if out_dir is not None:
+    if out_dir is not None and is_main():
         save_quantized(model, tokenizer, out_dir, config, report, extra_files={"plan.json": the_plan.to_json()},
                        card=card)
+    if state is not None:
+        state.remove()
     return model, tokenizer, report, the_plan
 
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .distributed import all_sum
 from .windows import as_batches
 
 
@@ -74,7 +75,12 @@ def gradient_statistics(model: nn.Module, windows, layers: dict[str, nn.Linear],
         if use_ckpt:
             _checkpointing(model, False)
         model.train(was_training)
-    return GradientStats(abs_sum, sq_sum, len(batches), time.perf_counter() - start, total_loss / len(batches))
+    # several processes: each rank's sums over its windows, added up (squares before the sum, as Fisher needs)
+    abs_sum = {n: all_sum(t) for n, t in abs_sum.items()}
+    sq_sum = {n: all_sum(t) for n, t in sq_sum.items()}
+    n_windows = int(all_sum(torch.tensor(float(len(batches)))))
+    total_loss = float(all_sum(torch.tensor(total_loss, dtype=torch.float64)))
+    return GradientStats(abs_sum, sq_sum, n_windows, time.perf_counter() - start, total_loss / n_windows)
 
 
 def _checkpointing(model: nn.Module, on: bool) -> None:

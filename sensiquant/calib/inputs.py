@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .distributed import all_mean, all_sum
 from .windows import as_batches
 
 
@@ -44,15 +45,19 @@ class InputStats:
 class HessianAccumulator:
     """Running H = 2/n sum x x^T and sum of x_j^2 over the rows of the inputs it is fed."""
 
-    def __init__(self, in_features: int):
-        self.h = torch.zeros(in_features, in_features)
-        self.sq = torch.zeros(in_features)
+    def __init__(self, in_features: int, device: torch.device | str | None = None):
+        self.h = torch.zeros(in_features, in_features, device=device)
+        self.sq = torch.zeros(in_features, device=device)
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
         self.h, self.n = accumulate_hessian(self.h, x, self.n)
         self.sq += x.pow(2).sum(0)
+
+    def reduced(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(H, sum of x_j^2) over the inputs of every rank (this rank's alone with one process)."""
+        return all_mean(self.h, self.n)[0], all_sum(self.sq)
 
 
 @torch.no_grad()
@@ -61,7 +66,7 @@ def input_statistics(model: nn.Module, windows, layers: dict[str, nn.Linear],
     """Input Hessians and column norms of every layer in ``layers`` from one forward pass per window."""
     start = time.perf_counter()
     batches = as_batches(windows)
-    acc = {name: HessianAccumulator(layer.in_features) for name, layer in layers.items()}
+    acc = {name: HessianAccumulator(layer.in_features, layer.weight.device) for name, layer in layers.items()}
     handles = [layer.register_forward_pre_hook(lambda _m, args, name=name: acc[name].add(args[0]))
                for name, layer in layers.items()]
     try:
@@ -70,5 +75,7 @@ def input_statistics(model: nn.Module, windows, layers: dict[str, nn.Linear],
     finally:
         for h in handles:
             h.remove()
-    return InputStats({n: a.h for n, a in acc.items()}, {n: a.sq.sqrt() for n, a in acc.items()},
-                      sum(int(b["input_ids"].numel()) for b in batches), time.perf_counter() - start)
+    reduced = {n: a.reduced() for n, a in acc.items()}
+    tokens = int(all_sum(torch.tensor(float(sum(int(b["input_ids"].numel()) for b in batches)))))
+    return InputStats({n: h for n, (h, _) in reduced.items()}, {n: sq.sqrt() for n, (_, sq) in reduced.items()},
+                      tokens, time.perf_counter() - start)

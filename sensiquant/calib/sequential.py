@@ -5,17 +5,32 @@ ones. Works with any model whose quantizable layers sit in one nn.ModuleList of 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .distributed import all_mean
 from .inputs import HessianAccumulator, accumulate_hessian
 from .windows import as_batches
 
 
 class _Captured(Exception):
     pass
+
+
+class BlockStore(Protocol):
+    """Finished blocks kept from an earlier, interrupted run (``sensiquant.pipeline.resume``)."""
+
+    def has(self, i: int) -> bool:
+        """Whether block ``i``'s layers were finished and kept."""
+
+    def install(self, i: int, names: list[str]) -> dict:
+        """Swap block ``i``'s kept layers ``names`` into the model; returns what was recorded with them."""
+
+    def finish(self, i: int, names: list[str], meta: dict) -> None:
+        """Keep block ``i``'s just finished layers ``names`` (and ``meta``)."""
 
 
 def find_block_list(model: nn.Module, layer_names: list[str]) -> tuple[str, nn.ModuleList] | None:
@@ -61,7 +76,8 @@ def with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple,
 def block_hessians(model: nn.Module, block: nn.Module, inputs: list[tuple[tuple, dict]], names: list[str]
                    ) -> dict[str, torch.Tensor]:
     """Input Hessians of the layers ``names`` (inside ``block``) from running the block on its captured calls."""
-    acc = {n: HessianAccumulator(model.get_submodule(n).in_features) for n in names}
+    acc = {n: HessianAccumulator(model.get_submodule(n).in_features, model.get_submodule(n).weight.device)
+           for n in names}
     handles = [model.get_submodule(n).register_forward_pre_hook(lambda _m, a, add=acc[n].add: add(a[0]))
                for n in names]
     try:
@@ -70,7 +86,7 @@ def block_hessians(model: nn.Module, block: nn.Module, inputs: list[tuple[tuple,
     finally:
         for h in handles:
             h.remove()
-    return {n: a.h for n, a in acc.items()}
+    return {n: a.reduced()[0] for n, a in acc.items()}
 
 
 def run_block(block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
@@ -115,7 +131,8 @@ def block_asymmetric_statistics(model: nn.Module, block: nn.Module, inputs: list
     finally:
         for handle in handles:
             handle.remove()
-    return {n: {"hessian": h[n], "asym_cross": c[n]} for n in names}, fp_out
+    return {n: {"hessian": all_mean(h[n], seen[n])[0], "asym_cross": all_mean(c[n], seen[n])[0]}
+            for n in names}, fp_out
 
 
 def hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -126,20 +143,29 @@ def hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
 @torch.no_grad()
 def calibrate_sequentially(model: nn.Module, prefix: str, blocks: nn.ModuleList, batches, layer_names: list[str],
                            quantize_block: Callable[[dict[str, dict[str, torch.Tensor]]], None],
-                           progress: bool = True, asymmetric: bool = False) -> None:
+                           progress: bool = True, asymmetric: bool = False, store: BlockStore | None = None
+                           ) -> None:
     """For each block: gather its layers' input statistics, call ``quantize_block`` with them ({layer: {"hessian":
     H}}; it swaps the layers), then run the quantized block to produce the next block's inputs. With
-    ``asymmetric`` the full-precision stream is carried too and each layer also gets GPTAQ's ``asym_cross``."""
+    ``asymmetric`` the full-precision stream is carried too and each layer also gets GPTAQ's ``asym_cross``.
+    Blocks ``store`` has kept are swapped in instead of quantized; the others are handed to it when done."""
     inputs = capture_block_inputs(model, blocks[0], batches)
     fp_hidden = [hidden_of(a, k) for a, k in inputs] if asymmetric else None
     for i, block in enumerate(tqdm(blocks, desc="gptq blocks", disable=not progress)):
         names = [n for n in layer_names if n.startswith(f"{prefix}.{i}.")]
-        if asymmetric:
-            stats, fp_hidden = block_asymmetric_statistics(model, block, inputs, fp_hidden, names)
+        if names and store is not None and store.has(i):
+            if asymmetric:  # the full-precision stream goes through the block before its kept layers replace it
+                fp_hidden = [run_block(block, *with_hidden(a, k, h)) for h, (a, k) in zip(fp_hidden, inputs)]
+            store.install(i, names)
         else:
-            stats = {n: {"hessian": h} for n, h in block_hessians(model, block, inputs, names).items()}
-        if names:
-            quantize_block(stats)
+            if asymmetric:
+                stats, fp_hidden = block_asymmetric_statistics(model, block, inputs, fp_hidden, names)
+            else:
+                stats = {n: {"hessian": h} for n, h in block_hessians(model, block, inputs, names).items()}
+            if names:
+                quantize_block(stats)
+                if store is not None:
+                    store.finish(i, names, {})
         outputs = []
         for args, kwargs in inputs:
             outputs.append(with_hidden(args, kwargs, run_block(block, args, kwargs)))

@@ -174,7 +174,8 @@ def cmd_quantize(args) -> dict:
     ppl: dict = {}
     model, tokenizer, report = quantize(args.model, config, args.out, progress=not args.quiet,
                                         trust_remote_code=args.trust_remote_code, overwrite=args.overwrite,
-                                        evaluate=_measure(texts, args, ppl))
+                                        evaluate=_measure(texts, args, ppl), resume=args.resume,
+                                        device=args.device)
     return {"model": args.model, "method": args.method or (None if args.preset else DEFAULT_RECIPE),
             "preset": args.preset, "spec": config.default.to_dict(), "tuned": config.tuning is not None,
             **report.summary(),
@@ -197,7 +198,8 @@ def cmd_quantize_planned(args) -> dict:
     model, tokenizer, report, plan = quantize_with_plan(args.model, plan, args.out, progress=not args.quiet,
                                                         trust_remote_code=args.trust_remote_code,
                                                         overwrite=args.overwrite, tuning=tuning_config(args),
-                                                        evaluate=_measure(texts, args, ppl))
+                                                        evaluate=_measure(texts, args, ppl), resume=args.resume,
+                                                        device=args.device)
     return {"model": args.model, **report.summary(), "model_bytes": model_size_bytes(model), "out": args.out,
             "ppl": ppl}
 

@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ..pipeline import DEFAULT_SKIP, GWQ_SPEC, PRESETS, RECIPES
     from ..planning import PLAN_METHODS, PlanConfig
     from ..planning.plan import APPLY_METHODS
+    from ..runtime.device import DEFAULT_DEVICE
 
     calib, outliers, plan, tuning = CalibConfig(), OutlierConfig(), PlanConfig(), SignRoundConfig()
     parser = _Parser(prog="sensiquant", description=__doc__.split(".")[0])
@@ -90,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated name patterns kept in full precision")
     q.add_argument("--out", default=None, help="checkpoint directory to write (new or empty)")
     q.add_argument("--overwrite", action="store_true", help="replace the sensiquant checkpoint already at --out")
+    q.add_argument("--device", default=DEFAULT_DEVICE,
+                   help="where the model and its statistics live while quantizing: auto (a GPU where there is one), "
+                        f"cpu, cuda, cuda:N (default {DEFAULT_DEVICE})")
+    q.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep finished work beside --out and go on from what an interrupted run of the same "
+                        "command kept (default: on); --no-resume starts afresh")
     q.add_argument("--plan", default=None, help="plan JSON from `sensiquant plan` (per-layer configs)")
     q.add_argument("--budget", type=float, default=None,
                    help="bits/param for all quantized linears: plan with the best method, then quantize")
@@ -272,8 +279,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"sensiquant: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    from ..calib.distributed import is_main
     from ..runtime.speed import peak_rss_mb
 
+    if not is_main():  # under torchrun, rank 0 reports
+        return 0
     result["peak_rss_mb"] = peak_rss_mb()
     result["wall_seconds"] = time.perf_counter() - start
     if args.json:

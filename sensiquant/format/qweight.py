@@ -38,7 +38,7 @@ class SparseOutliers:
 
     def rows(self) -> torch.Tensor:
         counts = (self.row_ptr[1:].long() - self.row_ptr[:-1].long())
-        return torch.repeat_interleave(torch.arange(counts.numel()), counts)
+        return torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
 
     def positions(self, in_features: int) -> torch.Tensor:
         """Row-major flat positions (int64, ascending)."""
@@ -57,7 +57,7 @@ class SparseOutliers:
 def _csr_index(rows: torch.Tensor, cols: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Column indices and row pointers (smallest dtypes) of entries in row-major order."""
     out_features, in_features = shape
-    row_ptr = torch.zeros(out_features + 1, dtype=torch.int64)
+    row_ptr = torch.zeros(out_features + 1, dtype=torch.int64, device=rows.device)
     row_ptr[1:] = torch.cumsum(torch.bincount(rows, minlength=out_features), 0)
     return cols.to(index_dtype(in_features - 1)), row_ptr.to(index_dtype(int(rows.numel())))
 
@@ -80,7 +80,8 @@ class BlockOutliers:
 
     def positions(self, in_features: int | None = None) -> torch.Tensor:
         """Row-major flat positions (int64, ascending)."""
-        blocks = torch.repeat_interleave(torch.arange(self.counts.numel()), self.counts.long())
+        blocks = torch.repeat_interleave(torch.arange(self.counts.numel(), device=self.counts.device),
+                                         self.counts.long())
         return blocks * OUTLIER_BLOCK + self.offsets.long()
 
     def exact_values(self, grid: torch.Tensor) -> torch.Tensor:
@@ -93,7 +94,7 @@ class BlockOutliers:
         flat = mask.reshape(-1).nonzero().squeeze(1)
         counts = torch.bincount(flat // OUTLIER_BLOCK, minlength=math.ceil(mask.numel() / OUTLIER_BLOCK))
         residual = w.reshape(-1)[flat].float() - grid.reshape(-1)[flat]
-        scale = residual_scale(float(residual.abs().max()))
+        scale = residual_scale(float(residual.abs().max())).to(w.device)
         codes = torch.round(residual / scale.float()).clamp(-RESIDUAL_MAX, RESIDUAL_MAX)
         return BlockOutliers(counts.to(torch.uint8), (flat % OUTLIER_BLOCK).to(torch.uint8), codes.to(torch.int8),
                              scale)

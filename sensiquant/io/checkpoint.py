@@ -41,7 +41,6 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import SensiquantError
@@ -64,6 +63,7 @@ from .safetensors import (
     read_json_file,
     read_safetensors_header,
     torch_dtype,
+    write_safetensors,
 )
 
 FORMAT_VERSION = 2
@@ -174,10 +174,20 @@ def _canonical_sha256(obj) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _binding_digest(manifest: dict) -> str:
-    """What the weights file records of its manifest: everything but the parts that describe the weights file."""
+def _binding_digest_v2(manifest: dict) -> str:
+    """The binding written before resume existed: everything but the parts that describe the weights file."""
     return _canonical_sha256({k: v for k, v in manifest.items()
                               if k not in ("tensors", "weights_sha256", "manifest_sha256")})
+
+
+def _binding_digest(manifest: dict) -> str:
+    """What the weights file records of its manifest: everything that describes the model, not the run's timings
+    nor whether it was resumed, so that an interrupted and resumed run writes the very same weights file as an
+    uninterrupted one (the manifest digest still covers all of it)."""
+    summary = {k: v for k, v in manifest.get("summary", {}).items()
+               if k != "seconds" and not k.endswith("_seconds") and k != "resumed"}
+    return _canonical_sha256({**{k: v for k, v in manifest.items()
+                                 if k not in ("tensors", "weights_sha256", "manifest_sha256")}, "summary": summary})
 
 
 def _manifest_digest(manifest: dict) -> str:
@@ -229,7 +239,7 @@ def _write_checkpoint(tmp: Path, model, tokenizer, config: QuantConfig, report: 
     tensors = {name: value.detach().contiguous().cpu() for name, value in unique_state(model).items()}
     metadata = {"format": "pt", "producer": PRODUCER, "sensiquant_format_version": str(FORMAT_VERSION),
                 BINDING_KEY: _binding_digest(core)}
-    save_file(tensors, str(tmp / WEIGHTS), metadata=metadata)
+    write_safetensors(tensors, tmp / WEIGHTS, metadata)
     header = read_safetensors_header(tmp / WEIGHTS)
     manifest = {**core,
                 "tensors": {name: {"dtype": info.dtype, "shape": list(info.shape), "nbytes": info.nbytes}
@@ -453,7 +463,7 @@ def _inspect(path: Path) -> _Checked:
     _check_manifest_digest(manifest, path)
     binding = header.metadata.get(BINDING_KEY)
     if manifest["format_version"] >= 2:
-        _require(binding == _binding_digest(manifest),
+        _require(binding in (_binding_digest(manifest), _binding_digest_v2(manifest)),
                  f"{path / WEIGHTS} does not belong to {path / MANIFEST} (the weights were written with another "
                  "manifest): the checkpoint is a mix of two saves or was damaged")
         _check_files(path, manifest["files"], "a model file")

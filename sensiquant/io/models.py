@@ -5,6 +5,10 @@ built-in aliases: ``smollm2-135m`` (the default, from the PyPI package ``llm-smo
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import secrets
+import shutil
 from pathlib import Path
 
 import torch
@@ -47,14 +51,75 @@ def resolve_model(name: str) -> str:
     return name
 
 
+GGUF_CACHE_ENV = "SENSIQUANT_GGUF_CACHE"  # a folder for the converted copies, or "0" for none
+_CONVERTED = "sensiquant-converted.json"
+
+
+def converted_gguf_dir(gguf: Path) -> Path | None:
+    """Where the transformers conversion of the GGUF file ``gguf`` (fp32 safetensors, config, tokenizer) is kept,
+    so that a GGUF is dequantized once, not on every load (SmolLM2-135M: 26 s -> 1 s); None when turned off
+    (``SENSIQUANT_GGUF_CACHE=0``). The key holds the file's size and time and the transformers version."""
+    import transformers
+
+    setting = os.environ.get(GGUF_CACHE_ENV, "")
+    if setting == "0":
+        return None
+    root = Path(setting).expanduser() if setting else Path.home() / ".cache" / "sensiquant" / "gguf-converted"
+    stat = gguf.stat()
+    return root / f"{gguf.stem}-{stat.st_size}-{stat.st_mtime_ns}-transformers-{transformers.__version__}"
+
+
+def _converted(gguf: Path) -> Path | None:
+    folder = converted_gguf_dir(gguf)
+    return folder if folder is not None and (folder / _CONVERTED).is_file() else None
+
+
+def _keep_converted(gguf: Path, model, tokenizer) -> None:
+    """Write the conversion of ``gguf`` into its cache folder, whole or not at all; a failure only costs the
+    next load its speed."""
+    folder = converted_gguf_dir(gguf)
+    if folder is None or (folder / _CONVERTED).is_file():
+        return
+    tmp = folder.parent / f".{folder.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    try:
+        tmp.mkdir(parents=True)
+        _save_dequantized(model, tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / _CONVERTED).write_text(json.dumps({"gguf": str(gguf)}) + "\n")
+        os.replace(tmp, folder)
+    except OSError:
+        pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _save_dequantized(model, folder: Path) -> None:
+    """save_pretrained of a model transformers dequantized from a GGUF: its weights are plain fp32 tensors, but it
+    still names the GGUF quantizer, which refuses to serialize; the copy is written without that mark."""
+    quantizer, config = getattr(model, "hf_quantizer", None), model.config
+    had = "quantization_config" in config.__dict__
+    saved = config.__dict__.pop("quantization_config", None)
+    try:
+        model.hf_quantizer = None
+        model.save_pretrained(folder)
+    finally:
+        model.hf_quantizer = quantizer
+        if had:
+            config.quantization_config = saved
+
+
 def _source(name_or_path: str, trust_remote_code: bool) -> tuple[str, dict]:
-    """What transformers' from_pretrained takes for a model: (folder or hub id, keyword arguments)."""
+    """What transformers' from_pretrained takes for a model: (folder or hub id, keyword arguments). A GGUF file
+    already converted once is read from its converted copy (:func:`converted_gguf_dir`)."""
     source = resolve_model(name_or_path)
     path = Path(source)
     kwargs = {"trust_remote_code": trust_remote_code}
     if path.suffix == ".gguf":
         if not path.is_file():
             raise SensiquantError(f"GGUF file not found: {path}")
+        converted = _converted(path)
+        if converted is not None:
+            return str(converted), kwargs
         source, kwargs["gguf_file"] = str(path.parent), path.name
     elif path.exists() and not path.is_dir():
         raise SensiquantError(f"not a model directory or GGUF file: {path}")
@@ -126,6 +191,8 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, trust_remo
     except (OSError, ValueError) as exc:
         raise SensiquantError(f"could not load model {name_or_path!r}: {str(exc).splitlines()[0]}") from exc
     model.eval()
+    if "gguf_file" in kwargs and dtype == torch.float32:  # the exact conversion, to be read directly next time
+        _keep_converted(Path(source) / kwargs["gguf_file"], model, tokenizer)
     return model, tokenizer
 
 

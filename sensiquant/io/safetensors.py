@@ -217,3 +217,30 @@ def mmap_safetensors(path: str | Path, header: SafetensorsHeader | None = None) 
             else torch.empty(0, dtype=dtype)
         out[name] = flat.view(info.shape)
     return out
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                      metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` as a safetensors file, byte for byte the same for the same tensors and metadata: the
+    header JSON has sorted keys and the data follow in name order (the safetensors library writes its metadata
+    in hash-map order, which differs from one process to the next)."""
+    names = sorted(tensors)
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
+    offset = 0
+    flat = {}
+    for name in names:
+        t = tensors[name].detach().contiguous().cpu()
+        data = t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+        flat[name] = data
+        header[name] = {"dtype": dtype_name(t.dtype), "shape": list(t.shape),
+                        "data_offsets": [offset, offset + data.numel()]}
+        offset += data.numel()
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data section starts 8-byte aligned, as the library writes it
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for name in names:
+            f.write(memoryview(flat[name].numpy()))

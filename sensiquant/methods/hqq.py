@@ -22,16 +22,18 @@ def shrink_lp(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
     mag = x.abs()
     if p == 1.0:
         return torch.sign(x) * (mag - 1.0 / beta).clamp_min(0.0)
-    return torch.sign(x) * (mag - mag.pow(p - 1.0) / beta).clamp_min(0.0)
+    return mag.pow(p - 1.0).div_(beta).neg_().add_(mag).clamp_min_(0.0).copysign_(x)
 
 
-def _mean_abs_error(pieces, inv_scales, zeros, qmax) -> torch.Tensor:
-    total, count = 0.0, 0
+def _codes_and_error(pieces, inv_scales, zeros, qmax) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Each piece's codes under (inverse scale, zero) and the mean absolute dequantization error over all."""
+    codes, total, count = [], 0.0, 0
     for w, s, z in zip(pieces, inv_scales, zeros):
-        q = torch.round(w * s + z).clamp(0, qmax)
-        total = total + (w - (q - z) / s).abs().sum()
+        q = torch.mul(w, s).add_(z).round_().clamp_(0, qmax)
+        total = total + torch.sub(q, z).div_(s).sub_(w).abs_().sum()
+        codes.append(q)
         count += w.numel()
-    return total / count
+    return codes, total / count
 
 
 def hqq_solve(
@@ -46,30 +48,30 @@ def hqq_solve(
 
     ``integer_zero`` keeps zeros on integers (rounded after each update) so that 0 stays exactly representable.
     With ``params.optimize_scale`` the dequantization scale also gets its least-squares update each iteration.
-    Early stopping keeps the best iterate by mean absolute error over the whole matrix.
+    Early stopping keeps the best iterate by mean absolute error over the whole matrix. The codes of each iterate
+    are computed once, for its error and for the next update.
     """
     qmax = 2**bits - 1
     beta = params.beta
     zeros = [z.clone() for z in zeros]
     inv_scales = [s.clone() for s in inv_scales]
-    best = _mean_abs_error(pieces, inv_scales, zeros, qmax)
+    codes, best = _codes_and_error(pieces, inv_scales, zeros, qmax)
     best_state = ([s.clone() for s in inv_scales], [z.clone() for z in zeros])
     for _ in range(params.iters):
         for i, w in enumerate(pieces):
-            s, z = inv_scales[i], zeros[i]
-            q = torch.round(w * s + z).clamp(0, qmax)
-            target = w - shrink_lp(w - (q - z) / s, beta, params.lp_norm)
-            z = torch.mean(q - target * s, dim=-1, keepdim=True)
+            s, z, q = inv_scales[i], zeros[i], codes[i]
+            target = torch.sub(w, shrink_lp(torch.sub(q, z).div_(s).neg_().add_(w), beta, params.lp_norm))
+            z = torch.mean(torch.mul(target, s).neg_().add_(q), dim=-1, keepdim=True)
             if integer_zero:
                 z = torch.round(z)
             if params.optimize_scale:
                 centred = q - z
-                norm = (centred * centred).sum(-1, keepdim=True).clamp_min(1e-12)
-                d = (centred * target).sum(-1, keepdim=True) / norm
+                norm = centred.square().sum(-1, keepdim=True).clamp_min_(1e-12)
+                d = centred.mul_(target).sum(-1, keepdim=True).div_(norm)
                 s = torch.where(d > 1e-8, 1.0 / d.clamp_min(1e-8), s)
             inv_scales[i], zeros[i] = s, z
         beta *= params.kappa
-        current = _mean_abs_error(pieces, inv_scales, zeros, qmax)
+        codes, current = _codes_and_error(pieces, inv_scales, zeros, qmax)
         if current < best:
             best = current
             best_state = ([s.clone() for s in inv_scales], [z.clone() for z in zeros])

@@ -95,7 +95,7 @@ def _need(x, kind, name):
 def top_mask(scores: torch.Tensor, ratio: float) -> torch.Tensor:
     """Boolean mask of the round(ratio * numel) highest scores (ties broken by position)."""
     k = round(ratio * scores.numel())
-    mask = torch.zeros(scores.numel(), dtype=torch.bool)
+    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
     if k > 0:
         mask[torch.topk(scores.reshape(-1).float(), k, sorted=False).indices] = True
     return mask.view(scores.shape)

@@ -103,7 +103,7 @@ class TunableWeight(nn.Module):
         out_features, in_features = start.base.shape
         self.spec, self.scale_range, self.qmax = spec, scale_range, 2**spec.bits - 1
         g = groups.resolve_group_size(spec.group_size, in_features)
-        self.register_buffer("col_group", torch.arange(in_features) // g)
+        self.register_buffer("col_group", torch.arange(in_features, device=start.base.device) // g)
         self.register_buffer("base", start.base.float())
         self.register_buffer("scale0", start.scale.float().clamp_min(MIN_SCALE))
         self.register_buffer("zero0", start.zero.float())

@@ -9,6 +9,7 @@ quantized block produces the next block's quantized stream.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calib.sequential import (
+    BlockStore,
     block_asymmetric_statistics,
     block_hessians,
     capture_block_inputs,
@@ -40,10 +42,12 @@ def tuning_batches(windows: torch.Tensor, config: SignRoundConfig) -> list[dict]
 def tune_blocks(model: nn.Module, prefix: str, blocks: nn.ModuleList, batches: list[dict], layer_names: list[str],
                 start: Callable[[str, dict[str, torch.Tensor]], TunableWeight],
                 finish: Callable[[str, QuantizedWeight], None], config: SignRoundConfig,
-                needs: frozenset[str] = frozenset(), progress: bool = True) -> dict[int, TuneResult]:
+                needs: frozenset[str] = frozenset(), progress: bool = True, store: BlockStore | None = None
+                ) -> dict[int, TuneResult]:
     """Quantize and tune the layers ``layer_names`` of every block. ``start(name, stats)`` builds a layer's
     tunable start from the statistics ``needs`` names ("hessian" of its quantized-stream inputs, GPTAQ's
-    "asym_cross"); ``finish(name, qweight)`` swaps the tuned layer into the model. Returns each block's tuning
+    "asym_cross"); ``finish(name, qweight)`` swaps the tuned layer into the model. Blocks ``store`` has kept
+    are swapped in instead of tuned; the others are handed to it when done. Returns each block's tuning
     losses."""
     results: dict[int, TuneResult] = {}
     grad_flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -55,14 +59,18 @@ def tune_blocks(model: nn.Module, prefix: str, blocks: nn.ModuleList, batches: l
         bar = tqdm(blocks, desc="tuned blocks", disable=not progress)
         for i, block in enumerate(bar):
             names = [n for n in layer_names if n.startswith(f"{prefix}.{i}.")]
+            kept = bool(names) and store is not None and store.has(i)
             with torch.no_grad():
-                if "asym_cross" in needs and names:
+                if kept:
+                    targets = [run_block(block, *with_hidden(a, k, h)) for h, (a, k) in zip(fp, inputs)]
+                    results[i] = TuneResult(**store.install(i, names)["tuning"])
+                elif "asym_cross" in needs and names:
                     stats, targets = block_asymmetric_statistics(model, block, inputs, fp, names)
                 else:
                     targets = [run_block(block, *with_hidden(a, k, h)) for h, (a, k) in zip(fp, inputs)]
                     stats = ({n: {"hessian": h} for n, h in block_hessians(model, block, inputs, names).items()}
                              if "hessian" in needs and names else {})
-            if names:
+            if names and not kept:
                 tunables = {}
                 for n in names:
                     layer = model.get_submodule(n)
@@ -77,6 +85,8 @@ def tune_blocks(model: nn.Module, prefix: str, blocks: nn.ModuleList, batches: l
                 bar.set_postfix(loss=f"{min(results[i].loss_start, results[i].loss_end):.3g}")
                 for n, t in tunables.items():
                     finish(n, t.finalize())
+                if store is not None:
+                    store.finish(i, names, {"tuning": dataclasses.asdict(results[i])})
             with torch.no_grad():
                 inputs = [with_hidden(a, k, run_block(block, a, k)) for a, k in inputs]
             fp = targets

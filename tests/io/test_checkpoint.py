@@ -170,7 +170,7 @@ def test_a_failed_save_leaves_the_old_checkpoint_and_no_temporary(checkpoints, t
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint, "save_file", disk_full)
+    monkeypatch.setattr(checkpoint, "write_safetensors", disk_full)
     with pytest.raises(SensiquantError, match="No space left on device"):
         _save(_saved(b), out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from sensiquant import SensiquantError
 from sensiquant.io import mmap_safetensors, read_safetensors_header
-from sensiquant.io.safetensors import MAX_HEADER_BYTES
+from sensiquant.io.safetensors import MAX_HEADER_BYTES, write_safetensors
 
 
 def test_mmap_safetensors_equals_load_file(tmp_path):
@@ -96,3 +96,16 @@ def test_missing_file_and_directory(tmp_path):
         mmap_safetensors(tmp_path / "nothing.safetensors")
     with pytest.raises(SensiquantError, match="cannot read"):
         mmap_safetensors(tmp_path)
+
+
+def test_write_safetensors_is_the_same_bytes_every_time_and_reads_everywhere(tmp_path):
+    tensors = {"b": torch.randn(3, 5).bfloat16(), "a": torch.arange(7, dtype=torch.int8), "s": torch.tensor(2.5),
+               "e": torch.zeros(0, 4), "m": torch.ones(2, dtype=torch.bool), "h": torch.randn(4, 2).half().t()}
+    write_safetensors(tensors, tmp_path / "x.safetensors", {"z": "1", "a": "2"})
+    write_safetensors(dict(reversed(tensors.items())), tmp_path / "y.safetensors", {"a": "2", "z": "1"})
+    assert (tmp_path / "x.safetensors").read_bytes() == (tmp_path / "y.safetensors").read_bytes()
+    theirs, ours = load_file(tmp_path / "x.safetensors"), mmap_safetensors(tmp_path / "x.safetensors")
+    for name, value in tensors.items():
+        assert torch.equal(theirs[name], value) and torch.equal(ours[name], value)
+    header = read_safetensors_header(tmp_path / "x.safetensors")
+    assert header.metadata == {"a": "2", "z": "1"}

@@ -1,0 +1,65 @@
+"""Several processes (``torchrun --nproc-per-node N -m sensiquant quantize ...``): each rank calibrates on its share
+of the windows (every N-th), and every sum is all-reduced, so each rank holds the statistics one process would have
+computed (to floating-point rounding: the same terms, added in another order) and quantizes alike; rank 0 writes.
+Gloo on the CPU, NCCL on GPUs. With one process every function here is a no-op."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from ..errors import SensiquantError
+
+
+def init_from_env() -> None:
+    """Join the process group torchrun describes in the environment (WORLD_SIZE > 1), once."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if world_size() > 1 else 0
+
+
+def is_main() -> bool:
+    """Whether this process writes (and prints): rank 0, or the only process."""
+    return rank() == 0
+
+
+def shard(windows):
+    """This rank's share of the calibration windows (a tensor of windows or a list of input dicts): every
+    ``world_size``-th, starting at its rank."""
+    n, world = len(windows), world_size()
+    if world == 1:
+        return windows
+    if n < world:
+        raise SensiquantError(f"{n} calibration windows cannot be shared by {world} processes: give at least {world}")
+    return windows[rank()::world]
+
+
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    """The sum of ``t`` over the ranks (in float32 or wider, returned in ``t``'s dtype)."""
+    if world_size() == 1:
+        return t
+    buf = t.to(torch.float64 if t.dtype == torch.float64 else torch.float32).contiguous()
+    dist.all_reduce(buf)
+    return buf.to(t.dtype)
+
+
+def all_mean(mean: torch.Tensor, count: int) -> tuple[torch.Tensor, int]:
+    """Combine per-rank running means over ``count`` rows each into the mean over all rows, and the total count."""
+    if world_size() == 1:
+        return mean, count
+    total = int(all_sum(torch.tensor(float(count), dtype=torch.float64)))
+    if total == 0:
+        return mean, 0
+    return all_sum(mean * (count / total)), total

@@ -1,0 +1,161 @@
+"""Resume after an interruption: a run that writes a checkpoint keeps its finished work in a hidden sibling of the
+checkpoint directory (``.NAME.sensiquant-resume``): the gradient statistics once the gradient pass is done, then
+each finished block's quantized layers. Every file is written whole (a temporary, flushed, renamed), so a process
+killed at any point leaves only complete files behind. Rerunning the same job (same model weights, config and
+sensiquant version) reads them back and goes on from the first unfinished block; everything after is recomputed
+from the same inputs, so the checkpoint is bit-identical to an uninterrupted run's. The folder of another job is
+replaced, and the folder is removed once the checkpoint is in place."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..errors import SensiquantError
+from ..serialize import write_text_atomic
+
+RESUME_VERSION = 1
+JOB = "job.json"
+GRADIENTS = "gradients.safetensors"
+FAULT_ENV = "SENSIQUANT_FAULT"  # tests: "gradients" or "block:N" kills the process (SIGKILL) right after that save
+_SEP = "::"  # layer name :: tensor name, in the block files
+
+
+def resume_dir(out_dir: str | os.PathLike) -> Path:
+    """Where the run writing the checkpoint ``out_dir`` keeps its finished work."""
+    out = Path(os.path.realpath(os.fspath(out_dir)))
+    return out.parent / f".{out.name}.sensiquant-resume"
+
+
+def model_fingerprint(layers: dict[str, nn.Linear]) -> str:
+    """A digest of the layers' names, shapes and a strided sample of their weights: another model, or the same
+    model with other weights, gets another fingerprint."""
+    digest = hashlib.sha256()
+    for name, layer in layers.items():
+        w = layer.weight.detach()
+        digest.update(f"{name}:{tuple(w.shape)}:{w.dtype}".encode())
+        digest.update(w.reshape(-1)[::97].float().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _fault(point: str) -> None:
+    if os.environ.get(FAULT_ENV) == point:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
+                  metadata={"resume": json.dumps(metadata)})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        metadata = json.loads((f.metadata() or {}).get("resume", "{}"))
+    return load_file(str(path)), metadata
+
+
+class ResumeState:
+    """The finished work of one job in ``root``; :meth:`open` starts it or picks it up."""
+
+    def __init__(self, root: Path, job: dict):
+        self.root, self.job = root, job
+        self.resumed: list[str] = []  # what was read back, for the report
+
+    @classmethod
+    def open(cls, root: str | os.PathLike, config_dict: dict, layers: dict[str, nn.Linear]) -> ResumeState:
+        """The state of the job (``config_dict`` on the model holding ``layers``) in ``root``: what an earlier run
+        of the same job left, or a fresh folder (anything another job left there is removed)."""
+        from .. import __version__
+
+        root = Path(root)
+        job = {"resume_version": RESUME_VERSION, "sensiquant": __version__, "config": config_dict,
+               "model": model_fingerprint(layers)}
+        job_file = root / JOB
+        try:
+            if root.is_dir():
+                try:
+                    same = json.loads(job_file.read_text()) == json.loads(json.dumps(job))
+                except (OSError, ValueError):
+                    same = False
+                if same:
+                    return cls(root, job)
+                _remove(root)
+            root.mkdir(parents=True)
+            write_text_atomic(job_file, json.dumps(job, indent=1, sort_keys=True))
+        except OSError as exc:
+            raise SensiquantError(f"cannot keep the resume state in {root}: {exc.strerror}") from None
+        return cls(root, job)
+
+    # gradient statistics -------------------------------------------------------------------------------------
+    def gradients(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict] | None:
+        """(sum |g|, sum g^2, {"seconds", "loss"}) per layer from the earlier run, or None."""
+        path = self.root / GRADIENTS
+        if not path.is_file():
+            return None
+        tensors, meta = _load(path)
+        abs_sum = {k[: -len("::abs")]: v for k, v in tensors.items() if k.endswith("::abs")}
+        sq_sum = {k[: -len("::sq")]: v for k, v in tensors.items() if k.endswith("::sq")}
+        self.resumed.append("gradients")
+        return abs_sum, sq_sum, meta
+
+    def save_gradients(self, abs_sum: dict[str, torch.Tensor], sq_sum: dict[str, torch.Tensor], meta: dict) -> None:
+        tensors = {f"{n}::abs": t for n, t in abs_sum.items()} | {f"{n}::sq": t for n, t in sq_sum.items()}
+        self._write(tensors, self.root / GRADIENTS, meta)
+        _fault("gradients")
+
+    # blocks --------------------------------------------------------------------------------------------------
+    def _block_path(self, i: int) -> Path:
+        return self.root / f"block-{i:05d}.safetensors"
+
+    def has_block(self, i: int) -> bool:
+        return self._block_path(i).is_file()
+
+    def block(self, i: int) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+        """Block ``i``'s stored tensors by layer, and what was recorded with them."""
+        tensors, meta = _load(self._block_path(i))
+        by_layer: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            layer, _, name = key.rpartition(_SEP)
+            by_layer.setdefault(layer, {})[name] = value
+        self.resumed.append(f"block {i}")
+        return by_layer, meta
+
+    def save_block(self, i: int, tensors: dict[str, dict[str, torch.Tensor]], meta: dict) -> None:
+        flat = {f"{layer}{_SEP}{name}": t for layer, ts in tensors.items() for name, t in ts.items()}
+        self._write(flat, self._block_path(i), meta)
+        _fault(f"block:{i}")
+
+    def _write(self, tensors, path: Path, meta: dict) -> None:
+        try:
+            _save_atomic(tensors, path, meta)
+        except OSError as exc:
+            raise SensiquantError(f"cannot keep the resume state in {self.root}: {exc.strerror}") from None
+
+    def remove(self) -> None:
+        """Drop the state (the checkpoint it was for is complete)."""
+        _remove(self.root)
+
+
+def _remove(root: Path) -> None:
+    if os.path.lexists(root):
+        shutil.rmtree(root, ignore_errors=True)
