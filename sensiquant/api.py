@@ -18,7 +18,7 @@ from .methods.gptq import GPTQConfig
 from .methods.round import RoundConfig
 from .methods.signround import SignRoundConfig
 from .pipeline import DEFAULT_SKIP, QuantConfig, QuantReport, quantize_model, recipe
-from .pipeline.resume import ResumeState, resume_dir
+from .pipeline.resume import ResumeState, discard, resume_dir
 from .planning import Plan, PlanConfig, apply_plan, make_plan, plan_quant_config
 from .runtime.device import DEFAULT_DEVICE, resolve_device
 from .runtime.walk import find_linears, model_size_bytes
@@ -128,7 +128,7 @@ def _resume_state(out_dir, resume: bool, model, config: QuantConfig) -> ResumeSt
         return None
     root = resume_dir(out_dir)
     if not resume or not config.calibrated:
-        ResumeState(root, {}).remove()
+        discard(root)
         return None
     return ResumeState.open(root, config.to_dict(), find_linears(model, config.skip))
 

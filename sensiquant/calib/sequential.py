@@ -95,6 +95,13 @@ def run_block(block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
+def run_on_stream(block: nn.Module, inputs: list[tuple[tuple, dict]], hidden: list[torch.Tensor]
+                  ) -> list[torch.Tensor]:
+    """The block's outputs for its captured calls with their hidden states replaced by ``hidden`` (another
+    stream of activations, e.g. the full-precision model's)."""
+    return [run_block(block, *with_hidden(a, k, h)) for h, (a, k) in zip(hidden, inputs, strict=True)]
+
+
 @torch.no_grad()
 def block_asymmetric_statistics(model: nn.Module, block: nn.Module, inputs: list[tuple[tuple, dict]],
                                 fp_hidden: list[torch.Tensor], names: list[str]
@@ -155,7 +162,7 @@ def calibrate_sequentially(model: nn.Module, prefix: str, blocks: nn.ModuleList,
         names = [n for n in layer_names if n.startswith(f"{prefix}.{i}.")]
         if names and store is not None and store.has(i):
             if asymmetric:  # the full-precision stream goes through the block before its kept layers replace it
-                fp_hidden = [run_block(block, *with_hidden(a, k, h)) for h, (a, k) in zip(fp_hidden, inputs)]
+                fp_hidden = run_on_stream(block, inputs, fp_hidden)
             store.install(i, names)
         else:
             if asymmetric:

@@ -87,7 +87,7 @@ def _keep_converted(gguf: Path, model, tokenizer) -> None:
         tokenizer.save_pretrained(tmp)
         (tmp / _CONVERTED).write_text(json.dumps({"gguf": str(gguf)}) + "\n")
         os.replace(tmp, folder)
-    except OSError:
+    except Exception:  # a full disk shows as OSError or SafetensorError: either way only the cache is lost
         pass
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -23,6 +23,7 @@ from ..calib.sequential import (
     capture_block_inputs,
     hidden_of,
     run_block,
+    run_on_stream,
     with_hidden,
 )
 from ..format.qweight import QuantizedWeight
@@ -61,16 +62,15 @@ def tune_blocks(model: nn.Module, prefix: str, blocks: nn.ModuleList, batches: l
             names = [n for n in layer_names if n.startswith(f"{prefix}.{i}.")]
             kept = bool(names) and store is not None and store.has(i)
             with torch.no_grad():
-                if kept:
-                    targets = [run_block(block, *with_hidden(a, k, h)) for h, (a, k) in zip(fp, inputs)]
-                    results[i] = TuneResult(**store.install(i, names)["tuning"])
-                elif "asym_cross" in needs and names:
+                if "asym_cross" in needs and names and not kept:
                     stats, targets = block_asymmetric_statistics(model, block, inputs, fp, names)
                 else:
-                    targets = [run_block(block, *with_hidden(a, k, h)) for h, (a, k) in zip(fp, inputs)]
+                    targets = run_on_stream(block, inputs, fp)
                     stats = ({n: {"hessian": h} for n, h in block_hessians(model, block, inputs, names).items()}
-                             if "hessian" in needs and names else {})
-            if names and not kept:
+                             if "hessian" in needs and names and not kept else {})
+            if kept:  # the targets above came from the full-precision block, before its kept layers replace it
+                results[i] = TuneResult(**store.install(i, names)["tuning"])
+            elif names:
                 tunables = {}
                 for n in names:
                     layer = model.get_submodule(n)

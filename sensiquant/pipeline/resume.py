@@ -13,15 +13,15 @@ import json
 import os
 import shutil
 import signal
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import SensiquantError
-from ..serialize import write_text_atomic
+from ..serialize import atomic_file, write_text_atomic
 
 RESUME_VERSION = 1
 JOB = "job.json"
@@ -52,26 +52,16 @@ def _fault(point: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
-                  metadata={"resume": json.dumps(metadata)})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    from safetensors import safe_open
-
+    """The tensors of a state file and what was recorded with them, in one read."""
     with safe_open(str(path), "pt") as f:
-        metadata = json.loads((f.metadata() or {}).get("resume", "{}"))
-    return load_file(str(path)), metadata
+        return {k: f.get_tensor(k) for k in f.keys()}, json.loads((f.metadata() or {}).get("resume", "{}"))
+
+
+def discard(root: str | os.PathLike) -> None:
+    """Drop whatever state is kept in ``root`` (nothing there is fine)."""
+    if os.path.lexists(root):
+        shutil.rmtree(root, ignore_errors=True)
 
 
 class ResumeState:
@@ -99,7 +89,7 @@ class ResumeState:
                     same = False
                 if same:
                     return cls(root, job)
-                _remove(root)
+                discard(root)
             root.mkdir(parents=True)
             write_text_atomic(job_file, json.dumps(job, indent=1, sort_keys=True))
         except OSError as exc:
@@ -147,15 +137,12 @@ class ResumeState:
 
     def _write(self, tensors, path: Path, meta: dict) -> None:
         try:
-            _save_atomic(tensors, path, meta)
+            with atomic_file(path) as tmp:
+                save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
+                          metadata={"resume": json.dumps(meta)})
         except OSError as exc:
             raise SensiquantError(f"cannot keep the resume state in {self.root}: {exc.strerror}") from None
 
     def remove(self) -> None:
         """Drop the state (the checkpoint it was for is complete)."""
-        _remove(self.root)
-
-
-def _remove(root: Path) -> None:
-    if os.path.lexists(root):
-        shutil.rmtree(root, ignore_errors=True)
+        discard(self.root)
