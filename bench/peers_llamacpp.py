@@ -40,7 +40,7 @@ VERSION = "0.3.36"  # llama-cpp-python sdist that bench/peers_llamacpp_setup.sh 
 CACHE = Path(os.environ.get("SENSIQUANT_PEERS_CACHE", Path.home() / ".cache" / "sensiquant-peers"))
 BIN = CACHE / f"llama.cpp-{VERSION}" / "bin"
 SETUP = "bash bench/peers_llamacpp_setup.sh"
-TYPES = ("Q4_K_M", "Q3_K_M", "Q3_K_S", "Q2_K")
+TYPES = ("Q4_K_M", "Q3_K_M", "Q3_K_S", "Q2_K", "Q4_0", "Q4_K_S")
 BLOCK_LINEAR = re.compile(r"blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight")
 _ROWS = 256  # logits rows per log-softmax chunk (float64), to keep the memory of one window modest
 
@@ -159,24 +159,27 @@ def importance_matrix(ctx: PeerContext) -> tuple[Path, dict]:
     return out, _cached(out, make)
 
 
-def _parse(setting: str) -> tuple[str, bool]:
-    qtype, _, extra = setting.partition("+")
-    if qtype not in TYPES or extra not in ("", "imatrix"):
-        raise ValueError(f"unknown llama.cpp setting {setting!r}: one of {', '.join(SETTINGS)}")
-    return qtype, bool(extra)
+def _parse(setting: str) -> tuple[str, bool, bool]:
+    """(type, with imatrix, --pure) of "TYPE[+imatrix][+pure]" (--pure: every tensor the type's base type, llama.cpp
+    falling back only where a row does not fit its blocks)."""
+    qtype, *extras = setting.split("+")
+    if qtype not in TYPES or any(e not in ("imatrix", "pure") for e in extras) or len(set(extras)) < len(extras):
+        raise ValueError(f"unknown llama.cpp setting {setting!r}: one of {', '.join(SETTINGS)} (+pure)")
+    return qtype, "imatrix" in extras, "pure" in extras
 
 
 def _quantize(setting: str, ctx: PeerContext) -> tuple[Path, float, dict]:
     """(quantized file, llama-quantize seconds, imatrix facts); both steps made once and cached in ctx.work_dir."""
-    qtype, with_imatrix = _parse(setting)
+    qtype, with_imatrix, pure = _parse(setting)
     base = f32_base(ctx)
-    cmd = [str(BIN / "llama-quantize")]
+    cmd = [str(BIN / "llama-quantize")] + (["--pure"] if pure else [])
     imatrix_facts: dict = {}
-    name = f"smollm2-135m-{qtype}.gguf"
+    name = f"smollm2-135m-{qtype}{'-pure' if pure else ''}.gguf"
     if with_imatrix:
         imatrix, imatrix_facts = importance_matrix(ctx)
         cmd += ["--imatrix", str(imatrix)]
-        name = f"smollm2-135m-{qtype}-{imatrix.stem}.gguf"  # a different calibration makes a different file
+        # a different calibration makes a different file
+        name = f"smollm2-135m-{qtype}{'-pure' if pure else ''}-{imatrix.stem}.gguf"
     out = ctx.work_dir / name
 
     def make(tmp: Path) -> dict:

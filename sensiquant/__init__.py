@@ -6,7 +6,7 @@ from .calib import CalibConfig
 from .errors import SensiquantError
 from .eval.zeroshot import evaluate_zeroshot, run_lm_eval
 from .format import HQQParams, LayerSpec
-from .io import load_model, load_quantized, save_quantized, verify_checkpoint
+from .io import export_compressed_tensors, export_gguf, load_model, load_quantized, save_quantized, verify_checkpoint
 from .io.hf_hook import install as _install_in_transformers
 from .methods import GPTAQConfig, GPTQConfig, OutlierConfig, RoundConfig, SignRoundConfig
 from .pipeline import QuantConfig, QuantReport, gptq, gwq, quantize_model, recipe
@@ -36,6 +36,8 @@ __all__ = [
     "convert_to_fast",
     "evaluate_perplexity",
     "evaluate_zeroshot",
+    "export_compressed_tensors",
+    "export_gguf",
     "gptq",
     "gwq",
     "load_for_inference",

@@ -11,7 +11,7 @@ _GPTQ_FLAGS = {"--act-order": "act_order"}
 _TUNE_FLAGS = {"--tune-iters": "tune_iters", "--tune-lr": "tune_lr", "--tune-dtype": "tune_dtype"}
 _METHOD_FLAGS = {"--method": "method", "--preset": "preset", "--bits": "bits", "--group-size": "group_size",
                  "--quant-meta": "quant_meta", "--grid": "grid", "--outlier-ratio": "outlier_ratio",
-                 "--outlier-format": "outlier_format", **_OUTLIER_FLAGS, **_GPTQ_FLAGS}
+                 "--outlier-format": "outlier_format", "--gguf": "gguf", **_OUTLIER_FLAGS, **_GPTQ_FLAGS}
 _PPL_FLAGS = {"--max-windows": "max_windows"}
 
 
@@ -39,6 +39,13 @@ def quant_config(args):
                                       ("quant_meta", args.quant_meta), ("grid", args.grid),
                                       ("outlier_ratio", args.outlier_ratio),
                                       ("outlier_format", args.outlier_format)) if v is not None}
+    if getattr(args, "gguf", None):
+        if args.bits is not None or args.group_size is not None or args.quant_meta:
+            raise SensiquantError(f"--gguf {args.gguf} sets bits, group size and the scales' storage: drop --bits, "
+                                  "--group-size and --quant-meta")
+        if base.default.outlier_ratio or args.outlier_ratio:
+            raise SensiquantError(f"--gguf {args.gguf} keeps no outliers: use --method gptq, rtn or hqq")
+        spec_changes.update(gguf=args.gguf, quant_meta=False)
     spec = base.default.replace(**spec_changes)
     outliers = base.outliers.replace(**{k: v for k, v in (("saliency", args.saliency), ("scope", args.outlier_scope),
                                                           ("seed", args.seed)) if v is not None})
@@ -169,6 +176,8 @@ def cmd_quantize(args) -> dict:
 
     if args.plan or args.budget is not None:
         return cmd_quantize_planned(args)
+    if args.ladder:
+        raise SensiquantError("--ladder applies only with --budget")
     config = quant_config(args)
     texts = preflight(args, config.calib if config.calibrated else None)
     ppl: dict = {}
@@ -188,6 +197,8 @@ def cmd_quantize_planned(args) -> dict:
 
     if args.plan and args.budget is not None:
         raise SensiquantError("give either --plan or --budget, not both")
+    if args.plan and args.ladder:
+        raise SensiquantError("--ladder applies only with --budget (a plan file has its rungs)")
     flags = _given(args, _METHOD_FLAGS) + (_given(args, {**_CALIB_FLAGS, "--seed": "seed"}) if args.plan else [])
     if flags:
         raise SensiquantError(f"{flags[0]} does not apply with {'--plan' if args.plan else '--budget'}: the plan "
@@ -302,7 +313,22 @@ def cmd_verify(args) -> dict:
     return {"model": args.model, "verified": verify_checkpoint(args.model)}
 
 
-COMMANDS = {"quantize": cmd_quantize, "plan": cmd_plan, "eval": cmd_eval, "generate": cmd_generate,
+def cmd_export(args) -> dict:
+    if args.format == "compressed-tensors":
+        from ..io.compressed_tensors import export_compressed_tensors
+
+        result = export_compressed_tensors(args.model, args.out, progress=not args.quiet,
+                                           trust_remote_code=args.trust_remote_code)
+        return {"model": args.model, "compressed_tensors": result.pop("out"), **result}
+    from ..io.gguf_export import export_gguf
+
+    result = export_gguf(args.model, args.out, base=args.base, fallback=args.fallback, embed_type=args.embed_type,
+                         progress=not args.quiet)
+    return {"model": args.model, "gguf": result.pop("out"), **result}
+
+
+COMMANDS = {"quantize": cmd_quantize, "export": cmd_export, "plan": cmd_plan,
+            "eval": cmd_eval, "generate": cmd_generate,
             "bench-speed": cmd_bench_speed, "verify": cmd_verify}
 
 

@@ -58,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     from ..api import DEFAULT_RECIPE
     from ..calib import CalibConfig
     from ..eval.zeroshot import BATCH_TOKENS
+    from ..format.ggml import TYPES as GGUF_TYPES
     from ..format.spec import OUTLIER_FORMATS
+    from ..io.gguf_export import PLAIN_TYPES
     from ..io.models import DEFAULT_MODEL
     from ..methods import SALIENCIES, OutlierConfig, SignRoundConfig
     from ..methods.outliers import SCOPES
@@ -87,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="store scales and zeros in 8 bits, groups of 128 (default: off for rtn/hqq, on for the others)")
     q.add_argument("--grid", choices=["rtn", "hqq"], default=None,
                    help="grid fit of gptq/gptaq/gwq (default hqq; rtn and hqq name their own)")
+    q.add_argument("--gguf", choices=list(GGUF_TYPES), default=None,
+                   help="store the codes on a llama.cpp block type, ready for `sensiquant export gguf` (sets bits "
+                        "and group size; no outliers: with --method gptq, rtn or hqq; K-types fall back to "
+                        "llama.cpp's type on rows that are not multiples of 256)")
     q.add_argument("--skip", default=",".join(DEFAULT_SKIP),
                    help="comma-separated name patterns kept in full precision")
     q.add_argument("--out", default=None, help="checkpoint directory to write (new or empty)")
@@ -100,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--plan", default=None, help="plan JSON from `sensiquant plan` (per-layer configs)")
     q.add_argument("--budget", type=float, default=None,
                    help="bits/param for all quantized linears: plan with the best method, then quantize")
+    q.add_argument("--ladder", default=None,
+                   help="with --budget: the rungs the plan may use, as for `sensiquant plan` (gguf: every GGUF type)")
     g = q.add_argument_group("outliers and calibration")
     g.add_argument("--outlier-ratio", type=float, default=None,
                    help=f"share of weights kept as outliers (default: gwq {GWQ_SPEC.outlier_ratio}, else 0)")
@@ -146,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", type=int, default=None, help=f"ladder rungs a flagged layer goes up (default {plan.stop})")
     p.add_argument("--threshold", type=float, default=None, help=f"z-score flagging a layer (default {plan.threshold})")
     p.add_argument("--top-m", type=int, default=None, help=f"flag at most N layers, -1: all (default {plan.top_m})")
-    p.add_argument("--ladder", default=None, help="comma-separated rungs, e.g. b2g64,b3g128,b4g64 (default: all)")
+    p.add_argument("--ladder", default=None,
+                   help="comma-separated rungs, e.g. b2g64,b3g128,b4g64, GGUF types (Q4_K, ...) or gguf for all of "
+                        "them, so that the plan exports to llama.cpp as it is (default: the b* rungs)")
     p.add_argument("--calib", default=None, help=f"calibration set or text file (default {calib.source})")
     p.add_argument("--calib-samples", type=POSITIVE, default=None,
                    help=f"sensitivity windows (default {plan.sensitivity_calib.samples})")
@@ -171,6 +181,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="compute dtype (bfloat16 is faster on CPUs with AVX512-BF16 or AMX)")
     _add_common(e)
+
+    x = sub.add_parser("export", help="write a checkpoint in another runtime's format")
+    xs = x.add_subparsers(dest="format", required=True)
+    xg = xs.add_parser("gguf", help="a GGUF file for llama.cpp (tokenizer and metadata from the model's GGUF)")
+    xg.add_argument("model", help="checkpoint directory")
+    xg.add_argument("out", help="the .gguf file to write")
+    xg.add_argument("--base", default=None,
+                    help="the GGUF the model was converted from (default: the checkpoint's base model)")
+    xg.add_argument("--fallback", choices=list(GGUF_TYPES), default=None,
+                    help="round layers not quantized on a GGUF grid onto this type (default: refuse them)")
+    xg.add_argument("--embed-type", choices=[*PLAIN_TYPES, *GGUF_TYPES], default="F16",
+                    help="type of the embeddings and the output head (default F16)")
+    _add_common(xg, data=False)
+    xc = xs.add_parser("compressed-tensors", help="a compressed-tensors (pack-quantized) checkpoint for vLLM and "
+                                                  "transformers")
+    xc.add_argument("model", help="checkpoint directory")
+    xc.add_argument("out", help="the directory to write (new, empty, or a previous export)")
+    _add_common(xc, data=False)
 
     v = sub.add_parser("verify", help="check a checkpoint whole: structure against the accounting, and the checksum")
     v.add_argument("model", help="checkpoint directory")
@@ -234,6 +262,16 @@ def _print_human(result: dict) -> None:
         print(f"{line} (n={r['n']}, {r['seconds']:.1f} s)")
     if result.get("out"):
         print(f"checkpoint written to {result['out']}")
+    if result.get("gguf"):
+        bits = result["linear_bits_per_param"]
+        print(f"GGUF written to {result['gguf']}: {result['bytes'] / 2**20:.2f} MiB, linears "
+              f"{'-' if bits is None else f'{bits:.4f}'} bits/param, types {result['tensor_types']}"
+              + (f", {result['requantized_layers']} layers rounded onto --fallback" if result["requantized_layers"]
+                 else ""))
+    if result.get("compressed_tensors"):
+        print(f"compressed-tensors checkpoint written to {result['compressed_tensors']}: {result['bytes'] / 2**20:.2f} "
+              f"MiB, {result['layers']} layers in {len(result['config_groups'])} config groups, linears "
+              f"{result['linear_bits_per_param']:.4f} bits/param")
     if "verified" in result:
         v = result["verified"]
         checksum = "sha256 ok" if v.get("sha256_ok") else v.get("checksum", "no checksum")

@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from .ggml import row_bytes
 from .groups import num_groups
 from .packing import packed_nbytes
 from .qweight import OUTLIER_BLOCK, index_dtype
@@ -32,6 +33,8 @@ def stored_tensors(shape: tuple[int, int], spec: LayerSpec, n_outliers: int | No
     numel = out_features * in_features
     if n_outliers is None:
         n_outliers = round(spec.outlier_ratio * numel)
+    if spec.gguf is not None:  # llama.cpp blocks: codes and scales together, no outliers
+        return {"qweight": (torch.uint8, (out_features * row_bytes(spec.gguf, in_features),))}
     n_meta = out_features * num_groups(in_features, spec.group_size)
     tensors = {"qweight": (torch.uint8, (packed_nbytes(numel, spec.bits),))}
     for kind in ("scale", "zero"):

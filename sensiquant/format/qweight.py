@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import groups
+from . import ggml, groups
 from .packing import pack, unpack
 from .spec import LayerSpec
 
@@ -107,6 +107,11 @@ def residual_scale(max_abs: float) -> torch.Tensor:
     if float(s) * RESIDUAL_MAX < max_abs and float(s) < _FP16_MAX:
         s = (s.view(torch.int16) + 1).view(torch.float16)  # the next FP16 up (s is positive and finite)
     return s
+
+
+def floor_scale(s: torch.Tensor) -> torch.Tensor:
+    """``s`` with magnitudes below ``MIN_SCALE`` raised to it, the sign kept (symmetric GGUF scales are signed)."""
+    return torch.where(s.abs() < MIN_SCALE, torch.where(s < 0, -MIN_SCALE, MIN_SCALE), s)
 
 
 def index_dtype(max_value: int) -> torch.dtype:
@@ -214,6 +219,8 @@ class QuantizedWeight:
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         """Flat tensors to store (names relative to the layer)."""
+        if self.spec.gguf is not None:  # the GGUF tensor data itself
+            return {"qweight": ggml.pack_blocks(self.spec.gguf, self.codes, self.stored_scale).reshape(-1)}
         out = {"qweight": pack(self.codes, self.spec.bits)}
         out.update({"scale" + k: v for k, v in self.stored_scale.items()})
         out.update({"zero" + k: v for k, v in self.stored_zero.items()})
@@ -228,6 +235,9 @@ class QuantizedWeight:
     @staticmethod
     def from_tensors(tensors: dict[str, torch.Tensor], shape: tuple[int, int], spec: LayerSpec) -> QuantizedWeight:
         out_features, in_features = shape
+        if spec.gguf is not None:
+            codes, stored = ggml.unpack_blocks(spec.gguf, tensors["qweight"], shape)
+            return QuantizedWeight(codes, *ggml.decode_meta(stored, spec.gguf), spec, stored, {})
         meta_shape = (out_features, groups.num_groups(in_features, spec.group_size))
         stored_scale = {k[len("scale"):]: v for k, v in tensors.items() if k.startswith("scale")}
         stored_zero = {k[len("zero"):]: v for k, v in tensors.items() if k.startswith("zero")}
@@ -254,14 +264,21 @@ class QuantizedWeight:
 def encode(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: LayerSpec,
            outlier_mask: torch.Tensor | None = None) -> QuantizedWeight:
     """Store scale/zero at their storage precision, then compute codes against the stored values; outliers (where
-    ``outlier_mask`` is set) in ``spec.outlier_format``, block residuals against those codes and stored values."""
-    stored_scale, scale_s = store_meta(scale, spec)
-    stored_zero, zero_s = store_meta(zero, spec)
+    ``outlier_mask`` is set) in ``spec.outlier_format``, block residuals against those codes and stored values.
+    GGUF types (``spec.gguf``) store scales and mins as their llama.cpp block does (``format/ggml.py``)."""
+    if spec.gguf is not None:
+        stored_scale, scale_s, zero_s = ggml.store_meta(scale, zero, spec.gguf)
+        stored_zero = {}
+        divisor = floor_scale(scale_s)  # symmetric GGUF scales may be negative
+    else:
+        stored_scale, scale_s = store_meta(scale, spec)
+        stored_zero, zero_s = store_meta(zero, spec)
+        divisor = scale_s.clamp_min(MIN_SCALE)
     qmax = 2**spec.bits - 1
     pieces = groups.split_groups(w.float(), spec.group_size)
     codes = groups.merge_groups(
         [torch.round(p / s + z).clamp(0, qmax) for p, s, z in
-         zip(pieces, groups.split_like(scale_s.clamp_min(MIN_SCALE), pieces), groups.split_like(zero_s, pieces))]
+         zip(pieces, groups.split_like(divisor, pieces), groups.split_like(zero_s, pieces))]
     ).to(torch.uint8)
     qw = QuantizedWeight(codes, scale_s, zero_s, spec, stored_scale, stored_zero)
     if outlier_mask is not None and bool(outlier_mask.any()):

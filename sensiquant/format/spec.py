@@ -8,6 +8,7 @@ from typing import Any
 
 from ..errors import SensiquantError
 from ..serialize import Config, coerce
+from .ggml import fit_type, ggml_type
 from .packing import SUPPORTED_BITS
 
 GRIDS = ("rtn", "hqq")  # how a group's (scale, zero) is fitted: min-max, or the half-quadratic solver
@@ -61,13 +62,24 @@ class LayerSpec(Config):
     hqq: HQQParams = field(default_factory=HQQParams)
     # how outliers are stored: "csr" (FP16 values, exact) or "block" (int8 residuals on the codes, compact)
     outlier_format: str = "csr"
+    # a llama.cpp block type (format/ggml.py: "Q4_0", "Q4_K", ...): codes and scales stored as that type stores
+    # them, so the matrix exports to GGUF as it is. It sets bits and group size; no 8-bit metadata, no outliers.
+    gguf: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.hqq, dict):
             coerce(self, "hqq", HQQParams.from_dict(self.hqq))
         if self.grid not in GRIDS:
             raise SensiquantError(f"unknown grid {self.grid!r}: choose one of {', '.join(GRIDS)}")
-        check_bits(self.bits)
+        if self.gguf is not None:
+            t = ggml_type(self.gguf)
+            if self.quant_meta or self.outlier_ratio:
+                raise SensiquantError(f"GGUF type {t.name} stores its own scales and no outliers: drop 8-bit "
+                                      "metadata and the outlier ratio")
+            coerce(self, "bits", t.bits)
+            coerce(self, "group_size", t.group)
+        else:
+            check_bits(self.bits)
         if self.group_size == -1:
             coerce(self, "group_size", None)
         if self.group_size is not None and (not isinstance(self.group_size, int) or isinstance(self.group_size, bool)
@@ -80,6 +92,14 @@ class LayerSpec(Config):
         if self.outlier_format not in OUTLIER_FORMATS:
             raise SensiquantError(f"unknown outlier format {self.outlier_format!r}: choose one of "
                                   f"{', '.join(OUTLIER_FORMATS)}")
+
+    def fitted(self, in_features: int) -> LayerSpec:
+        """This spec for rows of ``in_features``: a GGUF type whose blocks do not tile them becomes llama.cpp's
+        fallback type (``format/ggml.py``); any other spec is itself."""
+        if self.gguf is None:
+            return self
+        fitted = fit_type(self.gguf, in_features)
+        return self if fitted == self.gguf else self.replace(gguf=fitted)
 
     @classmethod
     def _migrate(cls, data: dict[str, Any], version: int | None) -> dict[str, Any]:

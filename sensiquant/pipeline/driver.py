@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from ..calib import calibrate_sequentially, calibration_windows, find_block_list, gradient_statistics, input_statistics
 from ..calib.distributed import shard, world_size
 from ..errors import SensiquantError
+from ..format.spec import LayerSpec
 from ..methods.base import LayerStats, method_name, needed_statistics, quantize_layer
 from ..methods.outliers import select_outliers
 from ..methods.signround import TunableWeight, start_point
@@ -60,6 +61,14 @@ class _KeptBlocks:
         self.state.save_block(i, {n: self.model.get_submodule(n).stored_tensors() for n in names}, meta)
 
 
+def _fit_gguf(name: str, spec: LayerSpec, in_features: int) -> LayerSpec:
+    """A GGUF spec whose blocks do not tile the rows takes llama.cpp's fallback type (format/ggml.py)."""
+    try:
+        return spec.fitted(in_features)
+    except SensiquantError as exc:
+        raise SensiquantError(f"{name}: {exc}") from None
+
+
 def quantize_model(model: nn.Module, config: QuantConfig, tokenizer=None, progress: bool = True,
                    calib_batches: list[dict] | None = None, resume: ResumeState | None = None) -> QuantReport:
     """Quantize ``model`` in place as ``config`` says; returns the per-layer report.
@@ -74,7 +83,9 @@ def quantize_model(model: nn.Module, config: QuantConfig, tokenizer=None, progre
     if not layers:
         raise SensiquantError("no linear layers to quantize (check the skip patterns)")
     check_finite(layers)
-    specs = {name: config.spec_of(name) for name in layers}
+    specs = {name: _fit_gguf(name, config.spec_of(name), layer.in_features) for name, layer in layers.items()}
+    if config.tuning is not None and any(spec.gguf for spec in specs.values()):
+        raise SensiquantError("block tuning does not tune GGUF grids yet: quantize them with GPTQ or round them")
     ratios = {name: spec.outlier_ratio for name, spec in specs.items()}
     method_needs = needed_statistics(config.method)
     outlier_needs = config.outliers.needs if any(r > 0 for r in ratios.values()) else frozenset()

@@ -33,7 +33,7 @@ from ..pipeline.driver import check_finite
 from ..pipeline.resume import ResumeState
 from ..runtime.walk import find_linears
 from ..serialize import Config, coerce
-from .ladder import DEFAULT_LADDER, LadderConfig, step_up
+from .ladder import DEFAULT_LADDER, LadderConfig, expand_ladder, step_up
 from .mxq import min_bits_for, solve_allocation
 from .outlier_layers import change_zscores, detect_outlier_layers
 from .plan import APPLY_METHODS, Plan, PlanLayer
@@ -88,6 +88,7 @@ class PlanConfig(Config):
                 coerce(self, name, CalibConfig.from_dict(getattr(self, name)))
         for name in ("ladder", "outlier_ratios", "skip"):
             coerce(self, name, tuple(getattr(self, name)))
+        coerce(self, "ladder", expand_ladder(self.ladder))
         if self.method not in PLAN_METHODS:
             raise SensiquantError(f"unknown plan method {self.method!r}: choose one of {', '.join(PLAN_METHODS)}")
         if not (isinstance(self.budget, int | float) and 0 < self.budget <= 32):
@@ -209,7 +210,8 @@ def make_plan(model: nn.Module, tokenizer, config: PlanConfig, progress: bool = 
     run = _Run(model, tokenizer, layers, PlanCache() if cache is None else cache, Timer(), progress)
     names = list(layers)
     ladder = config.ladder_configs()
-    options = [(c, r) for c in ladder for r in sorted(set(config.outlier_ratios)) if r == 0 or c.bits <= 4]
+    options = [(c, r) for c in ladder for r in sorted(set(config.outlier_ratios))
+               if r == 0 or (c.bits <= 4 and c.gguf is None)]  # GGUF rungs keep no outliers
     n_params = sum(layer.weight.numel() for layer in layers.values())
     costs = option_costs(layers, options, config.grid, config.outlier_format)
     problem = _Problem(names, layer_sites(names), ladder, options, costs, config.budget * n_params)

@@ -74,8 +74,8 @@ def layer_sites(names: Sequence[str]) -> dict[str, LayerSite]:
 def option_costs(layers: dict[str, nn.Linear], options: Sequence[tuple[LadderConfig, float]], grid: str,
                  outlier_format: str = "csr") -> np.ndarray:
     """Exact stored bits of every (layer, option), from the accounting function."""
-    return np.array([[storage_bits(tuple(layer.weight.shape), c.spec(grid, r, outlier_format)) for c, r in options]
-                     for layer in layers.values()], dtype=np.float64)
+    return np.array([[storage_bits(tuple(layer.weight.shape), c.spec(grid, r, outlier_format).fitted(layer.in_features))
+                      for c, r in options] for layer in layers.values()], dtype=np.float64)
 
 
 @torch.no_grad()
@@ -97,7 +97,8 @@ def option_errors(layers: dict[str, nn.Linear], options: Sequence[tuple[LadderCo
         importance = None if weight_importance is None else weight_importance[name].float()
         for j, (config, ratio) in enumerate(options):
             mask = top_mask(saliency[name], ratio) if ratio > 0 else None
-            diff = (w - quantize_weight(w, config.spec(grid, ratio, outlier_format), mask).dequantize()).square_()
+            spec = config.spec(grid, ratio, outlier_format).fitted(w.shape[1])
+            diff = (w - quantize_weight(w, spec, mask).dequantize()).square_()
             errors["frobenius"][i, j] = float(diff.sum().sqrt())
             if importance is not None:
                 errors["fisher"][i, j] = float(diff.mul_(importance).sum().sqrt())
@@ -123,7 +124,8 @@ def output_sensitivity(model: nn.Module, layers: dict[str, nn.Linear], windows, 
 
     def hook(module, args, output, name):
         if name not in quantized:
-            quantized[name] = quantize_weight(module.weight.detach().float(), spec).dequantize(module.weight.dtype)
+            w = module.weight.detach().float()
+            quantized[name] = quantize_weight(w, spec.fitted(w.shape[1])).dequantize(module.weight.dtype)
         y_q = F.linear(args[0], quantized[name], module.bias)
         sums[name][0] += float((output.float() - y_q.float()).square().sum())
         sums[name][1] += output.numel()
