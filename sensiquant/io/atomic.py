@@ -36,6 +36,19 @@ def replacing_directory(out: Path) -> Iterator[Path]:
         remove_tree(tmp)
 
 
+def make_parent(out: Path, what: str) -> None:
+    """Create the parent folders of ``out`` (one clear error when a file stands in their way) before a write."""
+    ancestor = out.parent
+    while not os.path.lexists(ancestor):
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise SensiquantError(f"cannot write {what} to {out}: {ancestor} is a file")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SensiquantError(f"cannot create the parent directory of {out}: {exc.strerror}") from None
+
+
 def _temporary_name(out: Path) -> Path:
     return out.parent / f".{out.name}.sensiquant-{os.getpid()}-{secrets.token_hex(4)}.tmp"
 

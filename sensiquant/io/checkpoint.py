@@ -51,7 +51,7 @@ from ..pipeline.config import QuantConfig
 from ..pipeline.report import LayerReport, QuantReport
 from ..runtime.qlinear import QuantLinear
 from ..runtime.walk import set_module, unique_state
-from .atomic import replacing_directory
+from .atomic import make_parent, replacing_directory
 from .card import CARD, check_card, render_card
 from .safetensors import (
     DTYPE_NAMES,
@@ -113,15 +113,7 @@ def save_quantized(model, tokenizer, out_dir: str | Path, config: QuantConfig, r
         base = base or getattr(model, "name_or_path", None)
         if base:
             card["base_model"] = str(base)
-    ancestor = out.parent
-    while not os.path.lexists(ancestor):
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise SensiquantError(f"cannot write the checkpoint to {out}: {ancestor} is a file")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise SensiquantError(f"cannot create the parent directory of {out}: {exc.strerror}") from None
+    make_parent(out, "the checkpoint")
     try:
         with replacing_directory(out) as tmp:
             _write_checkpoint(tmp, model, tokenizer, config, report, extra, card)

@@ -47,7 +47,7 @@ from torch import nn
 from ..errors import SensiquantError
 from ..runtime.qlinear import QuantLinear
 from ..runtime.walk import unique_state
-from .atomic import replacing_directory
+from .atomic import make_parent, replacing_directory
 from .safetensors import read_json_file, read_safetensors_header, write_safetensors
 
 FORMAT = "pack-quantized"
@@ -215,13 +215,8 @@ def export_compressed_tensors(checkpoint: str | Path, out_dir: str | Path, progr
     metadata = {"format": "pt", "producer": "sensiquant", EXPORT_KEY: EXPORT_VALUE,
                 "compressed_tensors_version": ct.__version__}
 
-    ancestor = out.parent
-    while not os.path.lexists(ancestor):
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise SensiquantError(f"cannot write the compressed-tensors checkpoint to {out}: {ancestor} is a file")
+    make_parent(out, "the compressed-tensors checkpoint")
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
         with replacing_directory(out) as tmp:
             (tmp / CONFIG).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
             if copied:  # the tokenizer (and any model code) exactly as the checkpoint holds it, checked on load
