@@ -107,11 +107,8 @@ def store_meta(scale: torch.Tensor, zero: torch.Tensor, name: str) -> tuple[dict
     scale, zero = scale.float(), zero.float()
     out, n_groups = scale.shape
     if not t.sub_bits:
-        d = _f16(scale)
-        if t.symmetric:
-            return {"d": d}, d.float(), torch.full_like(scale, float(t.zero))
-        m = _f16(-zero * scale)
-        return {"d": d, "m": m}, d.float(), _zero_from_min(m.float(), d.float())
+        stored = {"d": _f16(scale)} if t.symmetric else {"d": _f16(scale), "m": _f16(-zero * scale)}
+        return stored, *decode_meta(stored, name)
     per = t.block // t.group
     s = scale.reshape(out, n_groups // per, per)
     if t.symmetric:
@@ -120,7 +117,7 @@ def store_meta(scale: torch.Tensor, zero: torch.Tensor, name: str) -> tuple[dict
         sc = torch.round(s / _nonzero(d.float())).clamp(-top, top - 1)
         sc = torch.where(d.float() == 0, 0.0, sc)
         stored = {"d": d.squeeze(-1), "sc": sc.reshape(out, n_groups).to(torch.int8)}
-        return stored, (d.float() * sc).reshape(out, n_groups), torch.full_like(scale, float(t.zero))
+        return stored, *decode_meta(stored, name)
     top = 2 ** t.sub_bits - 1
     mins = (zero * scale).clamp_min(0).reshape(out, n_groups // per, per)  # -(value of code 0), >= 0 as stored
     d = _f16(s.clamp_min(0).amax(-1, keepdim=True) / top)
@@ -173,14 +170,15 @@ def _nibbles(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     return (lo & 15) | ((hi & 15) << 4)
 
 
-def _bitplanes(bits: torch.Tensor, n: int) -> torch.Tensor:
-    """(..., n, L) of 0/1 -> (..., L) bytes, bit k of byte l = bits[..., k, l]."""
-    shifts = torch.arange(n, device=bits.device).reshape(n, 1)
-    return (bits.to(torch.int32) << shifts).sum(-2).to(torch.uint8)
+def _bitplanes(fields: torch.Tensor, width: int = 1) -> torch.Tensor:
+    """(..., n, L) fields of ``width`` bits -> (..., L) bytes, field k at bits [k*width, (k+1)*width)."""
+    n = fields.shape[-2]
+    shifts = (torch.arange(n, device=fields.device) * width).reshape(n, 1)
+    return (fields.to(torch.int32) << shifts).sum(-2).to(torch.uint8)
 
 
 def _planes(b: torch.Tensor, n: int, width: int) -> torch.Tensor:
-    """Inverse of :func:`_bitplanes` for ``width``-bit fields: (..., L) -> (..., n, L)."""
+    """Inverse of :func:`_bitplanes`: (..., L) bytes -> (..., n, L) fields of ``width`` bits."""
     shifts = (torch.arange(n, device=b.device) * width).reshape(n, 1)
     return ((b.unsqueeze(-2).to(torch.int32) >> shifts) & (2**width - 1)).to(torch.uint8)
 
@@ -206,15 +204,8 @@ def _pack_scales_q3(sc: torch.Tensor) -> torch.Tensor:
     """Q3_K: 16 signed six-bit scales (..., 16) -> 12 bytes: low nibbles in bytes 0-7, high 2 bits in 8-11."""
     u = (sc.to(torch.int32) + 32)
     low = _nibbles(u[..., :8], u[..., 8:])
-    high = _bitplanes_wide((u >> 4).reshape(*u.shape[:-1], 4, 4), 2)
+    high = _bitplanes((u >> 4).reshape(*u.shape[:-1], 4, 4), 2)
     return torch.cat([low.to(torch.uint8), high], -1)
-
-
-def _bitplanes_wide(fields: torch.Tensor, width: int) -> torch.Tensor:
-    """(..., n, L) fields of ``width`` bits -> (..., L) bytes, field k at bits [k*width, (k+1)*width)."""
-    n = fields.shape[-2]
-    shifts = (torch.arange(n, device=fields.device) * width).reshape(n, 1)
-    return (fields.to(torch.int32) << shifts).sum(-2).to(torch.uint8)
 
 
 def _unpack_scales_q3(b: torch.Tensor) -> torch.Tensor:
@@ -241,7 +232,7 @@ def pack_blocks(name: str, codes: torch.Tensor, stored: dict[str, torch.Tensor])
             body = [_nibbles(q[..., :16], q[..., 16:]).to(torch.uint8)]
             if t.bits == 5:
                 high = (q >> 4) & 1
-                qh = _bitplanes(high.reshape(out, nb, 4, 8).transpose(-1, -2), 8)  # bytes of a little-endian u32
+                qh = _bitplanes(high.reshape(out, nb, 4, 8).transpose(-1, -2))  # bytes of a little-endian u32
                 body.insert(0, qh)
         return torch.cat(head + body, -1).reshape(out, -1)
     d = _f16_bytes(stored["d"])
@@ -252,25 +243,25 @@ def pack_blocks(name: str, codes: torch.Tensor, stored: dict[str, torch.Tensor])
         qs = _nibbles(c[..., 0, :], c[..., 1, :]).to(torch.uint8).reshape(out, nb, 128)
         parts = [d, dmin, scales]
         if t.bits == 5:
-            parts.append(_bitplanes(((q >> 4) & 1).reshape(out, nb, 8, 32), 8))
+            parts.append(_bitplanes(((q >> 4) & 1).reshape(out, nb, 8, 32)))
         return torch.cat(parts + [qs], -1).reshape(out, -1)
     if t.name == "Q6_K":
         h = q.reshape(out, nb, 2, 128)  # halves of 128
         low = h & 15
         ql = _nibbles(low[..., :64], low[..., 64:]).to(torch.uint8).reshape(out, nb, 128)
-        qh = _bitplanes_wide((h >> 4).reshape(out, nb, 2, 4, 32), 2).reshape(out, nb, 64)
+        qh = _bitplanes((h >> 4).reshape(out, nb, 2, 4, 32), 2).reshape(out, nb, 64)
         sc = stored["sc"].reshape(out, nb, 16).contiguous().view(torch.uint8)
         return torch.cat([ql, qh, sc, d], -1).reshape(out, -1)
     if t.name == "Q3_K":
         low = (q & 3).reshape(out, nb, 2, 4, 32)
-        qs = _bitplanes_wide(low, 2).reshape(out, nb, 64)
-        hmask = _bitplanes(((q >> 2) & 1).reshape(out, nb, 8, 32), 8)
+        qs = _bitplanes(low, 2).reshape(out, nb, 64)
+        hmask = _bitplanes(((q >> 2) & 1).reshape(out, nb, 8, 32))
         scales = _pack_scales_q3(stored["sc"].reshape(out, nb, 16))
         return torch.cat([hmask, qs, scales, d], -1).reshape(out, -1)
     if t.name == "Q2_K":
         dmin = _f16_bytes(stored["dmin"])
         scales = _nibbles(stored["sc"].to(torch.int32), stored["mn"].to(torch.int32)).to(torch.uint8)
-        qs = _bitplanes_wide(q.reshape(out, nb, 2, 4, 32), 2).reshape(out, nb, 64)
+        qs = _bitplanes(q.reshape(out, nb, 2, 4, 32), 2).reshape(out, nb, 64)
         return torch.cat([scales.reshape(out, nb, 16), qs, d, dmin], -1).reshape(out, -1)
     raise SensiquantError(f"no block layout for {name}")  # unreachable: TYPES lists only the types above
 

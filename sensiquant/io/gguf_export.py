@@ -22,9 +22,8 @@ import torch
 
 from ..errors import SensiquantError
 from ..format import ggml
-from ..format.qweight import encode
 from ..format.spec import LayerSpec
-from ..methods.grid import fit_scale_zero
+from ..methods.round import quantize_weight
 from ..runtime.qlinear import QuantLinear
 from ..serialize import atomic_file
 
@@ -52,9 +51,8 @@ def _permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
 def _requantize(w: torch.Tensor, name: str) -> tuple[np.ndarray, str]:
     """``w`` (out, in) rounded onto GGUF type ``name`` (or its fallback for these rows) with the searched grid."""
     kind = ggml.fit_type(name, w.shape[1])
-    spec = LayerSpec(gguf=kind)
-    scale, zero = fit_scale_zero(w, spec)
-    return encode(w, scale, zero, spec).to_tensors()["qweight"].reshape(w.shape[0], -1).numpy(), kind
+    qweight = quantize_weight(w, LayerSpec(gguf=kind))
+    return qweight.to_tensors()["qweight"].reshape(w.shape[0], -1).numpy(), kind
 
 
 def _plain(w: torch.Tensor, name: str) -> tuple[np.ndarray, str]:

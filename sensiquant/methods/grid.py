@@ -7,7 +7,7 @@ import torch
 
 from ..format import groups
 from ..format.ggml import ggml_type
-from ..format.qweight import MIN_SCALE
+from ..format.qweight import MIN_SCALE, floor_scale
 from ..format.spec import LayerSpec
 from .hqq import hqq_fit
 
@@ -92,8 +92,7 @@ def _asym_error(p, s, m, qmax, wt):
 
 
 def _sym_error(p, s, zero, wt):
-    safe = torch.where(s.abs() < MIN_SCALE, MIN_SCALE, s)
-    q = torch.round(p / safe).clamp(-zero, zero - 1)
+    q = torch.round(p / floor_scale(s)).clamp(-zero, zero - 1)
     return (wt * (p - q * s) ** 2).sum(-1, keepdim=True)
 
 
