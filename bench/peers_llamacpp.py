@@ -40,7 +40,9 @@ VERSION = "0.3.36"  # llama-cpp-python sdist that bench/peers_llamacpp_setup.sh 
 CACHE = Path(os.environ.get("SENSIQUANT_PEERS_CACHE", Path.home() / ".cache" / "sensiquant-peers"))
 BIN = CACHE / f"llama.cpp-{VERSION}" / "bin"
 SETUP = "bash bench/peers_llamacpp_setup.sh"
-TYPES = ("Q4_K_M", "Q3_K_M", "Q3_K_S", "Q2_K", "Q4_0", "Q4_K_S")
+# K-quants, then the i-quants (the IQ2/IQ1 types refuse to run without an importance matrix)
+TYPES = ("Q4_K_M", "Q3_K_M", "Q3_K_S", "Q2_K", "Q4_0", "Q4_K_S", "Q2_K_S", "IQ4_XS", "IQ3_S", "IQ3_XXS", "IQ2_S",
+         "IQ2_XS", "IQ2_XXS")
 BLOCK_LINEAR = re.compile(r"blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight")
 _ROWS = 256  # logits rows per log-softmax chunk (float64), to keep the memory of one window modest
 
@@ -143,7 +145,7 @@ def importance_matrix(ctx: PeerContext) -> tuple[Path, dict]:
 
     n, seqlen = (int(d) for d in ctx.calib_windows.shape)
     base = f32_base(ctx)
-    out = ctx.work_dir / f"imatrix-wikitext2-validation-{n}x{seqlen}.gguf"
+    out = ctx.work_dir / f"imatrix-{_stem(ctx)}-wikitext2-validation-{n}x{seqlen}.gguf"
 
     def make(tmp: Path) -> dict:
         tokenizer = load_tokenizer(ctx.model_name)
@@ -157,6 +159,11 @@ def importance_matrix(ctx: PeerContext) -> tuple[Path, dict]:
         return {"seconds": seconds, "chunks": int(chunks.group(1)) if chunks else None, "windows": n}
 
     return out, _cached(out, make)
+
+
+def _stem(ctx: PeerContext) -> str:
+    """The base GGUF's name without its suffix: the prefix of every file made from it."""
+    return Path(ctx.gguf_path).stem
 
 
 def _parse(setting: str) -> tuple[str, bool, bool]:
@@ -174,12 +181,12 @@ def _quantize(setting: str, ctx: PeerContext) -> tuple[Path, float, dict]:
     base = f32_base(ctx)
     cmd = [str(BIN / "llama-quantize")] + (["--pure"] if pure else [])
     imatrix_facts: dict = {}
-    name = f"smollm2-135m-{qtype}{'-pure' if pure else ''}.gguf"
+    name = f"{_stem(ctx)}-{qtype}{'-pure' if pure else ''}.gguf"
     if with_imatrix:
         imatrix, imatrix_facts = importance_matrix(ctx)
         cmd += ["--imatrix", str(imatrix)]
         # a different calibration makes a different file
-        name = f"smollm2-135m-{qtype}{'-pure' if pure else ''}-{imatrix.stem}.gguf"
+        name = f"{_stem(ctx)}-{qtype}{'-pure' if pure else ''}-{imatrix.stem}.gguf"
     out = ctx.work_dir / name
 
     def make(tmp: Path) -> dict:

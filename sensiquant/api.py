@@ -91,8 +91,8 @@ def as_quant_config(config: QuantConfig | LayerSpec | str | None) -> QuantConfig
 
 def quantize(model_name: str, config: QuantConfig | LayerSpec | str | None = None, out_dir: str | Path | None = None,
              progress: bool = True, trust_remote_code: bool = False, calib_batches: list[dict] | None = None,
-             overwrite: bool = False, evaluate=None, resume: bool = True, device: str | None = DEFAULT_DEVICE
-             ) -> tuple[torch.nn.Module, object, QuantReport]:
+             overwrite: bool = False, evaluate=None, resume: bool = True, device: str | None = DEFAULT_DEVICE,
+             stream: bool = False) -> tuple[torch.nn.Module, object, QuantReport]:
     """Load ``model_name``, quantize it as ``config`` says (see :func:`as_quant_config`), optionally save it
     (``out_dir`` is checked before any work, see :func:`check_out_dir`). ``evaluate(model, tokenizer)``, if given,
     runs on the quantized model before it is saved, and the perplexities it returns ({text name:
@@ -100,8 +100,9 @@ def quantize(model_name: str, config: QuantConfig | LayerSpec | str | None = Non
     its finished work beside ``out_dir`` and picks up what an interrupted run of the same job kept
     (:mod:`sensiquant.pipeline.resume`); ``resume=False`` starts afresh. ``device`` ("auto": a GPU where there is
     one, "cpu", "cuda", "cuda:N") is where the model and every statistic live while quantizing. Under torchrun the
-    ranks share the calibration windows (:mod:`sensiquant.calib.distributed`) and rank 0 writes.
-    Returns (model, tokenizer, report)."""
+    ranks share the calibration windows (:mod:`sensiquant.calib.distributed`) and rank 0 writes. With ``stream``
+    only one decoder block's weights are in memory at a time (:mod:`sensiquant.pipeline.streamed`; a local
+    model: a safetensors folder or a GGUF file). Returns (model, tokenizer, report)."""
     config = as_quant_config(config)
     check_not_a_checkpoint(model_name)
     init_from_env()
@@ -109,11 +110,22 @@ def quantize(model_name: str, config: QuantConfig | LayerSpec | str | None = Non
     target = resolve_device(device)
     if out_dir is not None:
         check_out_dir(out_dir, model_name, overwrite)
-    model, tokenizer = load_model(model_name, trust_remote_code=trust_remote_code)
-    model.to(target)
-    state = _resume_state(out_dir, resume, model, config)
-    report = quantize_model(model, config, tokenizer, progress, calib_batches, resume=state)
-    card = _card(model_name, model, tokenizer, evaluate)
+    if stream:
+        from .io.streamed import open_streamed
+        from .pipeline.streamed import quantize_streamed
+
+        streamed = open_streamed(model_name, trust_remote_code, progress, target)
+        model, tokenizer = streamed.model, streamed.tokenizer
+        state = _resume_state(out_dir, resume, None, config, streamed.source.fingerprint())
+        report = quantize_streamed(streamed, config, tokenizer, progress, calib_batches, resume=state)
+        card = _card(model_name, model, tokenizer, evaluate)  # scored block by block: the head not yet read
+        streamed.load_all()
+    else:
+        model, tokenizer = load_model(model_name, trust_remote_code=trust_remote_code)
+        model.to(target)
+        state = _resume_state(out_dir, resume, model, config)
+        report = quantize_model(model, config, tokenizer, progress, calib_batches, resume=state)
+        card = _card(model_name, model, tokenizer, evaluate)
     if out_dir is not None and is_main():
         save_quantized(model, tokenizer, out_dir, config, report, card=card)
     if state is not None:
@@ -121,15 +133,18 @@ def quantize(model_name: str, config: QuantConfig | LayerSpec | str | None = Non
     return model, tokenizer, report
 
 
-def _resume_state(out_dir, resume: bool, model, config: QuantConfig) -> ResumeState | None:
+def _resume_state(out_dir, resume: bool, model, config: QuantConfig, fingerprint: str | None = None
+                  ) -> ResumeState | None:
     """The resume state of a run writing ``out_dir`` (None: nothing to keep, or ``resume`` is off, in which case
-    what an earlier run kept is dropped)."""
+    what an earlier run kept is dropped); a streamed run names its model by ``fingerprint``."""
     if out_dir is None or world_size() > 1:  # several processes: not kept (yet)
         return None
     root = resume_dir(out_dir)
     if not resume or not config.calibrated:
         discard(root)
         return None
+    if fingerprint is not None:
+        return ResumeState.open(root, {**config.to_dict(), "streamed": True}, fingerprint=fingerprint)
     return ResumeState.open(root, config.to_dict(), find_linears(model, config.skip))
 
 

@@ -41,12 +41,10 @@ def _only_these_require_grad(model: nn.Module, params: list[nn.Parameter]):
             p.grad = None
 
 
-def gradient_statistics(model: nn.Module, windows, layers: dict[str, nn.Linear],
-                        dtype: torch.dtype = torch.bfloat16, checkpointing: bool = True,
-                        progress: bool = True) -> GradientStats:
-    """Sum over windows of |dL/dW| and (dL/dW)^2 for the weight of every layer in ``layers``."""
-    start = time.perf_counter()
-    batches = as_batches(windows)
+def fold_gradients(layers: dict[str, nn.Linear], dtype: torch.dtype
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list]:
+    """Score buffers (sum |g|, sum g^2 in ``dtype``) for every layer's weight, and the post-accumulate hooks that
+    fold each gradient into them as soon as it is complete and free it (remove the handles when done)."""
     abs_sum = {n: torch.zeros_like(m.weight, dtype=dtype) for n, m in layers.items()}
     sq_sum = {n: torch.zeros_like(m.weight, dtype=dtype) for n, m in layers.items()}
     handles = []
@@ -57,6 +55,16 @@ def gradient_statistics(model: nn.Module, windows, layers: dict[str, nn.Linear],
             sq_sum[name] += g.pow(2).to(dtype)
             param.grad = None
         handles.append(layer.weight.register_post_accumulate_grad_hook(fold))
+    return abs_sum, sq_sum, handles
+
+
+def gradient_statistics(model: nn.Module, windows, layers: dict[str, nn.Linear],
+                        dtype: torch.dtype = torch.bfloat16, checkpointing: bool = True,
+                        progress: bool = True) -> GradientStats:
+    """Sum over windows of |dL/dW| and (dL/dW)^2 for the weight of every layer in ``layers``."""
+    start = time.perf_counter()
+    batches = as_batches(windows)
+    abs_sum, sq_sum, handles = fold_gradients(layers, dtype)
     was_training = model.training
     use_ckpt = checkpointing and getattr(model, "supports_gradient_checkpointing", False)
     total_loss = 0.0

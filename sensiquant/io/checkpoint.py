@@ -172,14 +172,28 @@ def _binding_digest_v2(manifest: dict) -> str:
                               if k not in ("tensors", "weights_sha256", "manifest_sha256")})
 
 
-def _binding_digest(manifest: dict) -> str:
-    """What the weights file records of its manifest: everything that describes the model, not the run's timings
-    nor whether it was resumed, so that an interrupted and resumed run writes the very same weights file as an
-    uninterrupted one (the manifest digest still covers all of it)."""
+def _binding_digest_v3(manifest: dict) -> str:
+    """The binding written from resume until streaming: the run's timings and resumption left out."""
     summary = {k: v for k, v in manifest.get("summary", {}).items()
                if k != "seconds" and not k.endswith("_seconds") and k != "resumed"}
     return _canonical_sha256({**{k: v for k, v in manifest.items()
                                  if k not in ("tensors", "weights_sha256", "manifest_sha256")}, "summary": summary})
+
+
+def _binding_digest(manifest: dict) -> str:
+    """What the weights file records of its manifest: everything that describes the model, not the run's timings
+    nor whether it was resumed or streamed, nor the calibration loss (its last bits depend on the order of the
+    sums), so that an interrupted and resumed run (or a streamed one) writes the very same weights file as an
+    uninterrupted in-memory one (the manifest digest still covers all of it)."""
+    summary = {k: v for k, v in manifest.get("summary", {}).items()
+               if k != "seconds" and not k.endswith("_seconds") and k not in ("resumed", "streamed", "calib_loss")}
+    card = dict(manifest.get("card", {}))
+    if isinstance(card.get("perplexity"), dict):  # the scores stay bound, the seconds they took do not
+        card["perplexity"] = {name: {k: v for k, v in r.items() if k != "seconds"} if isinstance(r, dict) else r
+                              for name, r in card["perplexity"].items()}
+    return _canonical_sha256({**{k: v for k, v in manifest.items()
+                                 if k not in ("tensors", "weights_sha256", "manifest_sha256")}, "summary": summary,
+                              "card": card})
 
 
 def _manifest_digest(manifest: dict) -> str:
@@ -455,7 +469,7 @@ def _inspect(path: Path) -> _Checked:
     _check_manifest_digest(manifest, path)
     binding = header.metadata.get(BINDING_KEY)
     if manifest["format_version"] >= 2:
-        _require(binding in (_binding_digest(manifest), _binding_digest_v2(manifest)),
+        _require(binding in (_binding_digest(manifest), _binding_digest_v3(manifest), _binding_digest_v2(manifest)),
                  f"{path / WEIGHTS} does not belong to {path / MANIFEST} (the weights were written with another "
                  "manifest): the checkpoint is a mix of two saves or was damaged")
         _check_files(path, manifest["files"], "a model file")

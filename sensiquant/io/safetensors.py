@@ -219,6 +219,29 @@ def mmap_safetensors(path: str | Path, header: SafetensorsHeader | None = None) 
     return out
 
 
+def read_tensors(path: str | Path, names: list[str], header: SafetensorsHeader | None = None
+                 ) -> dict[str, torch.Tensor]:
+    """Fresh tensors of the named entries of a safetensors file, read with plain reads (no memory map, so nothing
+    of the file stays resident once the tensors are freed). ``header`` as in :func:`mmap_safetensors`."""
+    path = Path(path)
+    out = {}
+    with _open(path) as f:
+        current = _parse_header(f, path)
+        if header is not None and (current.tensors != header.tensors or current.file_size != header.file_size):
+            raise SensiquantError(f"{path} changed while it was being loaded")
+        for name in names:
+            info = current.tensors.get(name)
+            if info is None:
+                raise SensiquantError(f"{path}: no tensor {name}")
+            raw = torch.empty(info.nbytes, dtype=torch.uint8)
+            f.seek(current.data_start + info.begin)
+            if info.nbytes and f.readinto(memoryview(raw.numpy())) != info.nbytes:
+                raise SensiquantError(f"{path}: the file shrank while it was read")
+            out[name] = raw.view(_DTYPES[info.dtype]).view(info.shape) if info.nbytes else \
+                torch.empty(info.shape, dtype=_DTYPES[info.dtype])
+    return out
+
+
 def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
                       metadata: dict[str, str] | None = None) -> None:
     """Write ``tensors`` as a safetensors file, byte for byte the same for the same tensors and metadata: the

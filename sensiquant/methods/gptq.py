@@ -45,14 +45,18 @@ def upper_cholesky_of_inverse(h: torch.Tensor, damp: float) -> torch.Tensor:
 
     If H is still not positive definite the dampening is raised tenfold, a few times, before giving up.
     """
-    h = h.double()
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    mean_diag = float(torch.diagonal(h).mean())
+    mean_diag = float(torch.diagonal(h).double().mean())
     for attempt in range(4):
-        lower, info = torch.linalg.cholesky_ex(h + damp * 10**attempt * mean_diag * eye)
+        # at most two float64 copies alive at a time (an 8960-wide Hessian is 642 MB in float64)
+        damped = h.double()
+        damped.diagonal().add_(damp * 10**attempt * mean_diag)
+        lower, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if int(info) == 0:
             hinv = torch.cholesky_inverse(lower)
+            del lower
             upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            del hinv
             if int(info) == 0:
                 return upper.float()
     raise ValueError("GPTQ: the Hessian is not positive definite even with extra dampening")

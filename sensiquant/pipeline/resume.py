@@ -58,6 +58,20 @@ def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         return {k: f.get_tensor(k) for k in f.keys()}, json.loads((f.metadata() or {}).get("resume", "{}"))
 
 
+def join_scores(abs_sum: dict[str, torch.Tensor], sq_sum: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One flat tensor dict of per-layer gradient scores (``layer::abs``, ``layer::sq``), as they are stored."""
+    return {f"{n}::abs": t for n, t in abs_sum.items()} | {f"{n}::sq": t for n, t in sq_sum.items()}
+
+
+def split_scores(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """:func:`join_scores` undone, by layer: {"grad_abs_sum": ..., "grad_sq_sum": ...}."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        name, _, kind = key.rpartition("::")
+        out.setdefault(name, {})["grad_abs_sum" if kind == "abs" else "grad_sq_sum"] = value
+    return out
+
+
 def discard(root: str | os.PathLike) -> None:
     """Drop whatever state is kept in ``root`` (nothing there is fine)."""
     if os.path.lexists(root):
@@ -72,14 +86,16 @@ class ResumeState:
         self.resumed: list[str] = []  # what was read back, for the report
 
     @classmethod
-    def open(cls, root: str | os.PathLike, config_dict: dict, layers: dict[str, nn.Linear]) -> ResumeState:
-        """The state of the job (``config_dict`` on the model holding ``layers``) in ``root``: what an earlier run
-        of the same job left, or a fresh folder (anything another job left there is removed)."""
+    def open(cls, root: str | os.PathLike, config_dict: dict, layers: dict[str, nn.Linear] | None = None,
+             fingerprint: str | None = None) -> ResumeState:
+        """The state of the job (``config_dict`` on the model holding ``layers``, or the model of
+        ``fingerprint``) in ``root``: what an earlier run of the same job left, or a fresh folder (anything another
+        job left there is removed)."""
         from .. import __version__
 
         root = Path(root)
         job = {"resume_version": RESUME_VERSION, "sensiquant": __version__, "config": config_dict,
-               "model": model_fingerprint(layers)}
+               "model": fingerprint if fingerprint is not None else model_fingerprint(layers)}
         job_file = root / JOB
         try:
             if root.is_dir():
@@ -109,9 +125,30 @@ class ResumeState:
         return abs_sum, sq_sum, meta
 
     def save_gradients(self, abs_sum: dict[str, torch.Tensor], sq_sum: dict[str, torch.Tensor], meta: dict) -> None:
-        tensors = {f"{n}::abs": t for n, t in abs_sum.items()} | {f"{n}::sq": t for n, t in sq_sum.items()}
-        self._write(tensors, self.root / GRADIENTS, meta)
+        self._write(join_scores(abs_sum, sq_sum), self.root / GRADIENTS, meta)
         _fault("gradients")
+
+    # gradient statistics of a streamed run, block by block ---------------------------------------------------
+    def save_block_gradients(self, i: int, abs_sum: dict[str, torch.Tensor], sq_sum: dict[str, torch.Tensor]
+                             ) -> None:
+        self._write(join_scores(abs_sum, sq_sum), self.root / f"gradients-{i:05d}.safetensors", {})
+
+    def finish_streamed_gradients(self, meta: dict) -> None:
+        """Mark every block's scores as written (``meta``: the pass's seconds and loss)."""
+        self._write({}, self.root / GRADIENTS, meta)
+        _fault("gradients")
+
+    def streamed_gradients_done(self) -> dict | None:
+        """What the finished streamed gradient pass recorded, or None when it did not finish."""
+        path = self.root / GRADIENTS
+        if not path.is_file():
+            return None
+        self.resumed.append("gradients")
+        return _load(path)[1]
+
+    def block_gradients(self, i: int) -> dict[str, dict[str, torch.Tensor]]:
+        """Block ``i``'s scores by layer: {"grad_abs_sum": ..., "grad_sq_sum": ...}."""
+        return split_scores(_load(self.root / f"gradients-{i:05d}.safetensors")[0])
 
     # blocks --------------------------------------------------------------------------------------------------
     def _block_path(self, i: int) -> Path:
