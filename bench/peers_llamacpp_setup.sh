@@ -17,15 +17,22 @@ if [ ! -f "$src/vendor/llama.cpp/CMakeLists.txt" ]; then
   python -m pip download -q --no-deps --no-binary llama-cpp-python -d "$root" "llama-cpp-python==$version"
   tar xzf "$root/llama_cpp_python-$version.tar.gz" -C "$root"
 fi
+# the vector extensions of this CPU (AMX off: ggml's AMX path crashed, SIGSEGV in llama_decode, with GGML_NATIVE=ON
+# on an AVX-512 VM); a build made for another kind of CPU is rebuilt
+flags=$(grep -m1 '^flags' /proc/cpuinfo || true)
+has() { [[ " $flags " == *" $1 "* ]] && echo ON || echo OFF; }
+isa="AVX512=$(has avx512f) VNNI=$(has avx512_vnni) BF16=$(has avx512_bf16) VBMI=$(has avx512vbmi)"
+if [ "$(cat "$build/isa.txt" 2>/dev/null)" != "$isa" ]; then rm -rf "$build"; fi
 if [ ! -x "$build/bin/llama-quantize" ] || [ ! -x "$build/bin/llama-imatrix" ] || [ ! -f "$build/bin/libllama.so" ]; then
-  echo "building llama.cpp $version in $build (logs: $build.cmake.log, $build.build.log)"
-  # AVX-512 without AMX: ggml's AMX path crashed (SIGSEGV in llama_decode) on this VM's CPU with GGML_NATIVE=ON
+  echo "building llama.cpp $version in $build for $isa (logs: $build.cmake.log, $build.build.log)"
   cmake -S "$src/vendor/llama.cpp" -B "$build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON -DLLAMA_CURL=OFF \
-    -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
-    -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX512_VBMI=ON -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF \
+    -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512="$(has avx512f)" \
+    -DGGML_AVX512_VNNI="$(has avx512_vnni)" -DGGML_AVX512_BF16="$(has avx512_bf16)" \
+    -DGGML_AVX512_VBMI="$(has avx512vbmi)" -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF \
     -DGGML_AMX_BF16=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
     > "$build.cmake.log"
   cmake --build "$build" --target llama llama-quantize llama-imatrix -j "${JOBS:-2}" > "$build.build.log"
+  echo "$isa" > "$build/isa.txt"
 fi
 installed=$(python -c "from importlib import metadata as m; print(m.version('llama_cpp_python'))" 2>/dev/null || true)
 if [ "$installed" != "$version" ]; then

@@ -128,8 +128,10 @@ def speed_table(data: dict) -> str:
     rows = data["rows"]
     base = {r["name"]: r.get("decode_tokens_per_second") for r in rows}
     fp32, bf16 = base.get("original fp32"), base.get("original bf16")
-    lines = [f"SmolLM2-135M, batch 1, {data['prompt_tokens']}-token prompt then {data['new_tokens']} greedy tokens, "
-             f"{data['threads']} threads, best of the repeats; every row in a fresh process, one at a time.", "",
+    cpu = f"{data['cpu']}; " if data.get("cpu") else ""
+    lines = [f"{cpu}SmolLM2-135M, batch 1, {data['prompt_tokens']}-token prompt then {data['new_tokens']} greedy "
+             f"tokens, {data['threads']} threads, best of the repeats; every row in a fresh process, one at a time.",
+             "",
              "| model | bits/param | kernels | prefill tok/s | decode tok/s | decode / fp32 | decode / bf16 | "
              "peak RSS MiB | resident / stored weight bytes |", "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -141,6 +143,9 @@ def speed_table(data: dict) -> str:
                  if r.get("stored_weight_bytes") and r.get("resident_weight_bytes") else "-")
         bits = f"{r['bits_per_param']:.3f}" if "bits_per_param" in r else "-"
         kernels = ", ".join(f"{k} {v}" for k, v in r.get("kernels", {}).items()) or r.get("dtype", "")
+        isa = r.get("extension", {}).get("isa")
+        if isa and "packed" in r.get("kernels", {}):
+            kernels += f" ({isa})"
         lines.append(f"| {r['name']} | {bits} | {kernels} | {r['prefill_tokens_per_second']:.0f} | {dec:.1f} | "
                      f"{dec / fp32:.2f} | {dec / bf16:.2f} | {r.get('peak_rss_mb', 0):.0f} | {ratio} |"
                      if fp32 and bf16 else
@@ -171,7 +176,7 @@ TABLES = {"foundation": ("foundation.json", foundation_table), "hqq_parity": ("h
           "gwq": ("gwq.json", gwq_table), "accuracy": ("accuracy.json", accuracy_table),
           "alloc": ("alloc.json", alloc_table),
           "zeroshot": ("zeroshot.json", zeroshot_table), "peers": ("peers.json", peers_table),
-          "speed": ("speed.json", speed_table)}
+          "speed": ("speed.json", speed_table), "speed_avx2": ("speed_avx2.json", speed_table)}
 
 
 def alloc_plots() -> list[Path]:

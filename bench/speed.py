@@ -5,6 +5,7 @@ for sensiquant the bytes the quantized weights occupy in memory against what bit
 a fresh process; checkpoints are made once (``--work-dir``) and reused. Run alone on the machine.
 
     python -m bench.speed [--threads 2] [--out bench/results/speed.json]
+    python -m bench.speed --out bench/results/speed_avx2.json      # on an AVX2 machine without AVX-512
 """
 
 from __future__ import annotations
@@ -34,6 +35,20 @@ ROWS: dict[str, tuple[list[str] | None, str]] = {
                                               "bpp3.60-sensiboost_exact_fisher_plusgwq.json")], "bfloat16"),
 }
 LLAMA_CPP = ("Q4_K_M", "Q3_K_M")
+
+
+def cpu_description() -> str:
+    """The CPU's model name and its widest vector ISA, for the table's heading."""
+    flags, model = set(), "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            model = value.strip()
+        elif key.strip() == "flags":
+            flags = set(value.split())
+    isa = ("AVX512-BF16" if "avx512_bf16" in flags else "AVX-512" if "avx512f" in flags else
+           "AVX2 (no AVX-512)" if "avx2" in flags else "no AVX2")
+    return f"{model}, {isa}"
 
 
 def checkpoint(name: str, quantize_args: list[str], work_dir: Path) -> tuple[Path, dict]:
@@ -116,7 +131,8 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, {"threads": args.threads, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+    write_json(out, {"cpu": cpu_description(), "threads": args.threads, "prompt_tokens": args.prompt_tokens,
+                     "new_tokens": args.new_tokens,
                      "time": time.strftime("%Y-%m-%d %H:%M"), "rows": rows})
 
 

@@ -2,6 +2,7 @@
 process, side by side: peak RSS, wall time, perplexity and the sha256 of the checkpoint's weights.
 
     python -m bench.streamed [--model smollm2-135m] [--modes memory,stream] [--method gwq] [--calib-samples 16]
+    (modes: memory = in memory, stream = --stream, original = the unquantized model's perplexity, streamed)
     python -m bench.streamed --model qwen2.5-coder-1.5b --modes stream --calib-samples 4 --ppl wikitext2 \\
         --memory-limit-gib 4                      # an OS-enforced limit: the child runs in a cgroup (v1 or v2)
 
@@ -68,8 +69,9 @@ def run_one(argv: list[str], out: Path, limit_gib: float | None) -> dict:
         raise SystemExit(code)
     text = buffer.getvalue()
     result = json.loads(text[text.index("{"):])
-    row.update(result=result, wall_seconds=time.perf_counter() - start, peak_rss_mb=peak_rss_mb(),
-               weights_sha256=_sha256(out / "model.safetensors"))
+    row.update(result=result, wall_seconds=time.perf_counter() - start, peak_rss_mb=peak_rss_mb())
+    if (out / "model.safetensors").is_file():
+        row["weights_sha256"] = _sha256(out / "model.safetensors")
     return row
 
 
@@ -95,12 +97,16 @@ def main() -> None:
     for mode in args.modes.split(","):
         out = Path(args.work_dir) / f"{Path(args.model).name}-{args.method}-{mode}"
         shutil.rmtree(out, ignore_errors=True)
-        argv = ["quantize", args.model, "--method", args.method, "--out", str(out), "--no-resume", "--quiet",
-                "--json", "--ppl", args.ppl, "--max-windows", str(args.max_windows)]
-        if args.calib_samples is not None:
-            argv += ["--calib-samples", str(args.calib_samples)]
-        if mode == "stream":
-            argv.append("--stream")
+        if mode == "original":  # the unquantized model's perplexity, streamed block by block
+            argv = ["eval", args.model, "--stream", "--quiet", "--json", "--ppl", args.ppl, "--max-windows",
+                    str(args.max_windows)]
+        else:
+            argv = ["quantize", args.model, "--method", args.method, "--out", str(out), "--no-resume", "--quiet",
+                    "--json", "--ppl", args.ppl, "--max-windows", str(args.max_windows)]
+            if args.calib_samples is not None:
+                argv += ["--calib-samples", str(args.calib_samples)]
+            if mode == "stream":
+                argv.append("--stream")
         spec = {"argv": argv, "out": str(out), "limit": args.memory_limit_gib}
         row = {"model": args.model, "mode": mode, "command": "sensiquant " + " ".join(argv),
                **run_json([sys.executable, "-m", "bench.streamed", "--child", json.dumps(spec)])}

@@ -27,6 +27,7 @@ from ..serialize import write_text_atomic
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
 _SOURCES = ("packed_kernels.cpp",)
+_HEADERS = ("packed_core.h",)  # included by the sources: part of the build's hash
 # (variant, compiler flags, linker flags): OpenMP makes at::parallel_for use PyTorch's threads; the last is serial
 _FLAG_SETS = (
     ("native", ["-O3", "-march=native", "-fopenmp"], ["-fopenmp"]),
@@ -56,7 +57,7 @@ def _cpu_tag() -> str:
 def _sources_tag() -> str:
     """Hash of the sources and the torch version: a changed kernel or torch never reuses an old build."""
     digest = hashlib.sha1(torch.__version__.encode())
-    for name in _SOURCES:
+    for name in _SOURCES + _HEADERS:
         digest.update((_CSRC / name).read_bytes())
     return digest.hexdigest()[:10]
 

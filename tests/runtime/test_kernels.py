@@ -216,6 +216,24 @@ def test_packed_bf16_decode_rounds_once(bits, group, quant_meta, outliers, outli
         assert bool(((got - ref).abs() <= tol).all()), ((got - ref).abs() / tol).max()
 
 
+def _cpu_flags() -> set[str]:
+    for line in open("/proc/cpuinfo").read().splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+@needs_ext
+def test_the_vector_loops_of_this_cpu_are_compiled_in():
+    """A -march=native build runs AVX-512 loops on AVX-512 CPUs and AVX2 ones on AVX2-only CPUs, never silently the
+    portable loops (the tests above then check those vector loops against the reference)."""
+    if kernels.build_extension()["variant"] != "native":
+        pytest.skip("the extension fell back to a portable build")
+    flags = _cpu_flags()
+    expected = "avx512" if "avx512f" in flags else "avx2" if {"avx2", "fma", "f16c"} <= flags else "generic"
+    assert str(torch.ops.sensiquant.isa()).startswith(expected)
+
+
 @needs_ext
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_portable_loops_match_the_vector_kernels(bits):
@@ -354,7 +372,7 @@ def test_block_outliers_memory(bits, group, quant_meta):
 @needs_ext
 def test_build_extension_reports_the_build():
     info = kernels.build_extension()
-    assert info["isa"] in ("avx512+bf16", "avx512", "generic") and info["seconds"] >= 0
+    assert info["isa"] in ("avx512+bf16", "avx512", "avx2", "neon", "generic") and info["seconds"] >= 0
     assert kernels.build_extension() is info  # built (or loaded) once per process
 
 
