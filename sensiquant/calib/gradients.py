@@ -1,13 +1,19 @@
 """The gradient pass: back-propagate the causal-LM loss window by window and accumulate, for every selected weight,
 sum |g| and sum g^2 in a compact dtype. Gradients never pile up: a post-accumulate hook folds each weight's gradient
-into its score buffers and frees it, no optimizer state exists, only the selected weights require grad, and
-gradient checkpointing (where the model supports it) trades compute for activation memory."""
+into its score buffers and frees it, no optimizer state exists, only the selected weights require grad.
+
+Plain-head decoders (LLaMA, Qwen2, ...) go block by block (:mod:`.streamed`: forward keeping the block boundaries,
+then backward block by block in reverse), the very computation a streamed run makes, so that in-memory and streamed
+runs get the same scores bit for bit; other models back-propagate through the whole model, with gradient
+checkpointing where the model supports it."""
 
 from __future__ import annotations
 
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -60,10 +66,28 @@ def fold_gradients(layers: dict[str, nn.Linear], dtype: torch.dtype
 
 def gradient_statistics(model: nn.Module, windows, layers: dict[str, nn.Linear],
                         dtype: torch.dtype = torch.bfloat16, checkpointing: bool = True,
-                        progress: bool = True) -> GradientStats:
-    """Sum over windows of |dL/dW| and (dL/dW)^2 for the weight of every layer in ``layers``."""
+                        progress: bool = True, blockwise: bool | None = None) -> GradientStats:
+    """Sum over windows of |dL/dW| and (dL/dW)^2 for the weight of every layer in ``layers``: block by block where
+    the model allows it (``blockwise=None``; False forces the whole-model backward)."""
+    from .streamed import resident_blocks, streamed_gradient_statistics
+
     start = time.perf_counter()
     batches = as_batches(windows)
+    source = resident_blocks(model, list(layers)) if blockwise is not False else None
+    if blockwise and source is None:
+        raise ValueError("this model or layer set has no block-by-block gradient pass")
+    if source is not None:
+        abs_sum, sq_sum = {}, {}
+        was_training = model.training
+        model.eval()
+        try:
+            with tempfile.TemporaryDirectory(prefix="sensiquant-gradients-") as scratch:
+                loss, _ = streamed_gradient_statistics(
+                    source, windows, list(layers), lambda i, a, s: (abs_sum.update(a), sq_sum.update(s)),
+                    Path(scratch), dtype, progress)
+        finally:
+            model.train(was_training)
+        return _reduced(abs_sum, sq_sum, len(batches), loss * len(batches), start)
     abs_sum, sq_sum, handles = fold_gradients(layers, dtype)
     was_training = model.training
     use_ckpt = checkpointing and getattr(model, "supports_gradient_checkpointing", False)
@@ -83,10 +107,14 @@ def gradient_statistics(model: nn.Module, windows, layers: dict[str, nn.Linear],
         if use_ckpt:
             _checkpointing(model, False)
         model.train(was_training)
-    # several processes: each rank's sums over its windows, added up (squares before the sum, as Fisher needs)
+    return _reduced(abs_sum, sq_sum, len(batches), total_loss, start)
+
+
+def _reduced(abs_sum: dict, sq_sum: dict, n_batches: int, total_loss: float, start: float) -> GradientStats:
+    """Several processes: each rank's sums over its windows, added up (squares before the sum, as Fisher needs)."""
     abs_sum = {n: all_sum(t) for n, t in abs_sum.items()}
     sq_sum = {n: all_sum(t) for n, t in sq_sum.items()}
-    n_windows = int(all_sum(torch.tensor(float(len(batches)))))
+    n_windows = int(all_sum(torch.tensor(float(n_batches))))
     total_loss = float(all_sum(torch.tensor(total_loss, dtype=torch.float64)))
     return GradientStats(abs_sum, sq_sum, n_windows, time.perf_counter() - start, total_loss / n_windows)
 

@@ -12,8 +12,8 @@ rounding), with one block's weights in memory."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Protocol
 
@@ -23,8 +23,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .gradients import fold_gradients
-from .sequential import capture_block_inputs, hidden_of, run_block, with_hidden
+from .sequential import capture_block_inputs, find_block_list, hidden_of, run_block, with_hidden
 from .windows import as_batches
+
+# causal LMs whose logits are exactly head(final norm(last block's output)): no scaling or soft-capping after it
+PLAIN_HEAD = frozenset({"llama", "qwen2", "qwen3", "mistral", "phi3"})
 
 
 class BlockSource(Protocol):
@@ -43,6 +46,40 @@ class BlockSource(Protocol):
 
     def part(self, which: str) -> AbstractContextManager[nn.Module]:
         """The input embeddings ("embed") or the output head ("head"), in memory for the time of a ``with``."""
+
+
+class ResidentBlocks:
+    """A :class:`BlockSource` over a model that is all in memory: loading and freeing do nothing. The in-memory
+    gradient pass runs through it, so that it computes exactly what a streamed run computes."""
+
+    def __init__(self, model: nn.Module, prefix: str, blocks: nn.ModuleList):
+        self.model, self.prefix, self.blocks = model, prefix, blocks
+        self.norm = model.base_model.norm
+        self.head = model.get_output_embeddings()
+        self.device = next(model.parameters()).device
+
+    def load_block(self, i: int) -> nn.Module:
+        return self.blocks[i]
+
+    def free_block(self, i: int) -> None:
+        pass
+
+    @contextmanager
+    def part(self, which: str) -> Iterator[nn.Module]:
+        yield self.model.get_input_embeddings() if which == "embed" else self.head
+
+
+def resident_blocks(model: nn.Module, layer_names: list[str]) -> ResidentBlocks | None:
+    """``model`` as a :class:`BlockSource` when block-by-block passes compute its loss exactly (a plain-head
+    decoder whose ``layer_names`` all sit in its decoder blocks), else None."""
+    if getattr(model.config, "model_type", None) not in PLAIN_HEAD or model.get_output_embeddings() is None:
+        return None
+    if getattr(getattr(model, "base_model", None), "norm", None) is None:
+        return None
+    found = find_block_list(model, layer_names)
+    if found is None or not all(n.startswith(found[0] + ".") for n in layer_names):
+        return None
+    return ResidentBlocks(model, *found)
 
 
 def _path(folder: Path, i: int) -> Path:
@@ -85,13 +122,16 @@ def streamed_forward(source: BlockSource, batches: list[dict],
     return calls, hidden
 
 
+LOGIT_CHUNK = 1 << 23  # logits per chunk at the top of the gradient pass: 32 MB in fp32, with its gradient and softmax
+
+
 def top_loss_grad(norm: nn.Module, head: nn.Module, hidden: torch.Tensor, ids: torch.Tensor,
                   chunk: int | None = None) -> tuple[float, torch.Tensor]:
     """(mean next-token loss of one window, its gradient at the final hidden states), the logits made
-    ``chunk`` positions at a time (default: about 2^25 logits a chunk). ``hidden`` (1, seqlen, dim), ``ids``
-    (1, seqlen)."""
+    ``chunk`` positions at a time (default: about :data:`LOGIT_CHUNK` logits a chunk). ``hidden`` (1, seqlen, dim),
+    ``ids`` (1, seqlen)."""
     count = ids.shape[1] - 1
-    chunk = chunk or max(16, (1 << 25) // head.weight.shape[0])
+    chunk = chunk or max(16, LOGIT_CHUNK // head.weight.shape[0])
     grad = torch.zeros_like(hidden)
     total = 0.0
     for start in range(0, count, chunk):

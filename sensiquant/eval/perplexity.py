@@ -11,13 +11,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..calib.streamed import PLAIN_HEAD
 from ..errors import SensiquantError
 
 SEQLEN = 2048  # the GPTQ protocol's window length
-LOGIT_CHUNK_ELEMENTS = 1 << 25  # logits per chunk (128 MB in fp32) where the head is applied chunk by chunk
+LOGIT_CHUNK_ELEMENTS = 1 << 23  # logits per chunk (32 MB in fp32) where the head is applied chunk by chunk
 _CHUNKED_ABOVE = 1 << 26  # logits of one window above this many elements are made chunk by chunk
-# causal LMs whose logits are exactly head(base model output): no scaling or soft-capping after the head
-_PLAIN_HEAD = frozenset({"llama", "qwen2", "qwen3", "mistral", "phi3"})
 
 
 @dataclass
@@ -52,7 +51,7 @@ def _chunked_head(model, seqlen: int):
     """(base model, head) when the logits of a window are large and exactly ``head(base(ids))``, else None."""
     config = getattr(model, "config", None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if getattr(config, "model_type", None) not in _PLAIN_HEAD or head is None:
+    if getattr(config, "model_type", None) not in PLAIN_HEAD or head is None:
         return None
     if seqlen * head.weight.shape[0] <= _CHUNKED_ABOVE:
         return None
@@ -60,7 +59,7 @@ def _chunked_head(model, seqlen: int):
 
 
 def logit_chunk(head) -> int:
-    """Positions per chunk of logits: about :data:`LOGIT_CHUNK_ELEMENTS` logits (220 for a 150k vocabulary)."""
+    """Positions per chunk of logits: about :data:`LOGIT_CHUNK_ELEMENTS` logits (55 for a 150k vocabulary)."""
     return max(16, LOGIT_CHUNK_ELEMENTS // head.weight.shape[0])
 
 

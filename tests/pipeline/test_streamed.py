@@ -57,7 +57,7 @@ def test_streamed_gradient_scores_equal_the_whole_model_backward(tiny_llama, tex
     full, tokenizer = load_model(str(tiny_llama))
     windows = calibration_windows(tokenizer, _calib(text_file))
     layers = find_linears(full, ("lm_head", "*embed*"))
-    whole = gradient_statistics(full, windows, layers, torch.float32, progress=False)
+    whole = gradient_statistics(full, windows, layers, torch.float32, progress=False, blockwise=False)
     streamed = open_streamed(str(tiny_llama), progress=False)
     got: dict = {}
     loss, _ = streamed_gradient_statistics(streamed, windows, list(layers),
