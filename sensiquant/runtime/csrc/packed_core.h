@@ -491,75 +491,118 @@ void gemv_avx512(const GemvCtx& c, int64_t n0, int64_t n1) {
 #endif
 
 #ifdef SQ_AVX2
-template <int BITS, int MM>
-void gemv_avx2(const GemvCtx& c, int64_t n0, int64_t n1) {
-  constexpr int NA = MM <= 2 ? 4 : 2;  // independent accumulators per row of x: enough FMAs in flight, in 16 ymm
-  const Geometry& geo = c.geo;
-  const int64_t Kp = geo.padded();
-  std::vector<float> s(geo.G), z(geo.G);
-  for (int64_t n = n0; n < n1; ++n) {
-    c.decode_row(n, s.data(), z.data());
-    const uint8_t* row = c.codes + n * c.row_bytes;
-    __m256 tot[MM];
-    for (int m = 0; m < MM; ++m) tot[m] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < geo.G; ++g) {
-      __m256 a[MM][NA];
-      for (int m = 0; m < MM; ++m)
-        for (int j = 0; j < NA; ++j) a[m][j] = _mm256_setzero_ps();
-      const int64_t b0 = geo.block_start(g), b1 = b0 + geo.nblocks(g);
-      for (int64_t b = b0; b < b1; ++b) {
-        __m256 v[4];
-        unpack_block_ps8<BITS>(row + b * 4 * BITS, v);
-        const float* xb = c.xp + b * kBlock;
-        for (int m = 0; m < MM; ++m)
-          for (int j = 0; j < 4; ++j) a[m][j % NA] = _mm256_fmadd_ps(v[j], _mm256_loadu_ps(xb + m * Kp + 8 * j), a[m][j % NA]);
-      }
-      const __m256 sv = _mm256_set1_ps(s[g]);
-      for (int m = 0; m < MM; ++m) {
-        __m256 part = _mm256_add_ps(a[m][0], a[m][1]);
-        if constexpr (NA == 4) part = _mm256_add_ps(part, _mm256_add_ps(a[m][2], a[m][3]));
-        tot[m] = _mm256_fmadd_ps(sv, part, tot[m]);
-      }
-    }
-    float acc[MM];
-    for (int m = 0; m < MM; ++m) acc[m] = hsum256(tot[m]);
-    c.template finish_row<BITS, MM>(n, row, s.data(), z.data(), acc);
+// the 8 values of v, rounded to T as Tensor.to does (RNE)
+template <typename T>
+inline void store8(T* dst, __m256 v) {
+  if constexpr (std::is_same_v<T, float>) {
+    _mm256_storeu_ps(dst, v);
+  } else if constexpr (std::is_same_v<T, at::BFloat16>) {
+    const __m256i u = _mm256_castps_si256(v);  // finite values: round to nearest even on the bits
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+    const __m256i p = _mm256_packus_epi32(r, r);  // per 128-bit lane: r0..r3 twice | r4..r7 twice
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_castsi256_si128(_mm256_permute4x64_epi64(p, 8)));
+  } else {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
 }
 #endif
 
 #ifdef SQ_NEON
+// the 4 values of v, rounded to T as Tensor.to does (RNE)
+template <typename T>
+inline void store4(T* dst, float32x4_t v) {
+  if constexpr (std::is_same_v<T, float>) {
+    vst1q_f32(dst, v);
+  } else if constexpr (std::is_same_v<T, at::BFloat16>) {
+    const uint32x4_t u = vreinterpretq_u32_f32(v);  // finite values: round to nearest even on the bits
+    const uint32x4_t lsb = vandq_u32(vshrq_n_u32(u, 16), vdupq_n_u32(1));
+    const uint32x4_t r = vshrq_n_u32(vaddq_u32(vaddq_u32(u, vdupq_n_u32(0x7FFF)), lsb), 16);
+    vst1_u16(reinterpret_cast<uint16_t*>(dst), vmovn_u32(r));
+  } else {
+    vst1_u16(reinterpret_cast<uint16_t*>(dst), vreinterpret_u16_f16(vcvt_f16_f32(v)));  // FPCR default: RNE
+  }
+}
+#endif
+
+#if defined(SQ_AVX2) || defined(SQ_NEON)
+// The 8-wide (AVX2) or 4-wide (NEON) fp32 vector of this build, for the loops below that both share.
+struct Vec {
+#ifdef SQ_AVX2
+  using V = __m256;
+  static constexpr int L = 8;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V set1(float f) { return _mm256_set1_ps(f); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }  // a * b + c, one rounding
+  static V dequant(V q, V z, V s) { return _mm256_mul_ps(_mm256_sub_ps(q, z), s); }
+  static float sum(V v) { return hsum256(v); }
+  template <int BITS>
+  static void unpack(const uint8_t* p, V* v) { unpack_block_ps8<BITS>(p, v); }
+  template <typename T>
+  static void store_all(T* dst, V v) { store8(dst, v); }
+#else
+  using V = float32x4_t;
+  static constexpr int L = 4;
+  static V zero() { return vdupq_n_f32(0.f); }
+  static V set1(float f) { return vdupq_n_f32(f); }
+  static V load(const float* p) { return vld1q_f32(p); }
+  static V add(V a, V b) { return vaddq_f32(a, b); }
+  static V fma(V a, V b, V c) { return vfmaq_f32(c, a, b); }
+  static V dequant(V q, V z, V s) { return vmulq_f32(vsubq_f32(q, z), s); }
+  static float sum(V v) { return vaddvq_f32(v); }
+  template <int BITS>
+  static void unpack(const uint8_t* p, V* v) { unpack_block_ps4<BITS>(p, v); }
+  template <typename T>
+  static void store_all(T* dst, V v) { store4(dst, v); }
+#endif
+  static constexpr int per_block = kBlock / L;  // vectors per block of 32 codes
+
+  // the first cnt values of v (all L of them when cnt >= L)
+  template <typename T>
+  static void store(T* dst, V v, int64_t cnt) {
+    if (cnt >= L) return store_all(dst, v);
+    alignas(32) T tmp[L];
+    store_all(tmp, v);
+    std::memcpy(dst, tmp, cnt * sizeof(T));
+  }
+};
+
 template <int BITS, int MM>
-void gemv_neon(const GemvCtx& c, int64_t n0, int64_t n1) {
-  constexpr int NA = MM <= 2 ? 4 : 2;  // independent accumulators per row of x (32 NEON registers)
+void gemv_vec(const GemvCtx& c, int64_t n0, int64_t n1) {
+  using V = Vec::V;
+  constexpr int NV = Vec::per_block;
+  constexpr int NA = MM <= 2 ? 4 : 2;  // independent accumulators per row of x: FMAs in flight, within the registers
   const Geometry& geo = c.geo;
   const int64_t Kp = geo.padded();
   std::vector<float> s(geo.G), z(geo.G);
   for (int64_t n = n0; n < n1; ++n) {
     c.decode_row(n, s.data(), z.data());
     const uint8_t* row = c.codes + n * c.row_bytes;
-    float32x4_t tot[MM];
-    for (int m = 0; m < MM; ++m) tot[m] = vdupq_n_f32(0.f);
+    V tot[MM];
+    for (int m = 0; m < MM; ++m) tot[m] = Vec::zero();
     for (int64_t g = 0; g < geo.G; ++g) {
-      float32x4_t a[MM][NA];
+      V a[MM][NA];
       for (int m = 0; m < MM; ++m)
-        for (int j = 0; j < NA; ++j) a[m][j] = vdupq_n_f32(0.f);
+        for (int j = 0; j < NA; ++j) a[m][j] = Vec::zero();
       const int64_t b0 = geo.block_start(g), b1 = b0 + geo.nblocks(g);
       for (int64_t b = b0; b < b1; ++b) {
-        float32x4_t v[8];
-        unpack_block_ps4<BITS>(row + b * 4 * BITS, v);
+        V v[NV];
+        Vec::unpack<BITS>(row + b * 4 * BITS, v);
         const float* xb = c.xp + b * kBlock;
         for (int m = 0; m < MM; ++m)
-          for (int j = 0; j < 8; ++j) a[m][j % NA] = vfmaq_f32(a[m][j % NA], v[j], vld1q_f32(xb + m * Kp + 4 * j));
+          for (int j = 0; j < NV; ++j) a[m][j % NA] = Vec::fma(v[j], Vec::load(xb + m * Kp + Vec::L * j), a[m][j % NA]);
       }
+      const V sv = Vec::set1(s[g]);
       for (int m = 0; m < MM; ++m) {
-        float32x4_t part = vaddq_f32(a[m][0], a[m][1]);
-        if constexpr (NA == 4) part = vaddq_f32(part, vaddq_f32(a[m][2], a[m][3]));
-        tot[m] = vfmaq_n_f32(tot[m], part, s[g]);
+        V part = Vec::add(a[m][0], a[m][1]);
+        if constexpr (NA == 4) part = Vec::add(part, Vec::add(a[m][2], a[m][3]));
+        tot[m] = Vec::fma(sv, part, tot[m]);
       }
     }
     float acc[MM];
-    for (int m = 0; m < MM; ++m) acc[m] = vaddvq_f32(tot[m]);
+    for (int m = 0; m < MM; ++m) acc[m] = Vec::sum(tot[m]);
     c.template finish_row<BITS, MM>(n, row, s.data(), z.data(), acc);
   }
 }
@@ -620,11 +663,8 @@ void gemv_rows(const GemvCtx& c, int64_t n0, int64_t n1) {
 #ifdef SQ_AVX512
   if (!g_force_generic.load(std::memory_order_relaxed)) return gemv_avx512<BITS, MM>(c, n0, n1);
 #endif
-#ifdef SQ_AVX2
-  if (!g_force_generic.load(std::memory_order_relaxed)) return gemv_avx2<BITS, MM>(c, n0, n1);
-#endif
-#ifdef SQ_NEON
-  if (!g_force_generic.load(std::memory_order_relaxed)) return gemv_neon<BITS, MM>(c, n0, n1);
+#if defined(SQ_AVX2) || defined(SQ_NEON)
+  if (!g_force_generic.load(std::memory_order_relaxed)) return gemv_vec<BITS, MM>(c, n0, n1);
 #endif
   gemv_generic<BITS, MM>(c, n0, n1);
 }
@@ -687,52 +727,6 @@ inline void store_block(T* dst, __m512 v, int64_t cnt) {
 }
 #endif
 
-#ifdef SQ_AVX2
-// the first cnt (<= 8) values of v, rounded to T as Tensor.to does (RNE)
-template <typename T>
-inline void store8(T* dst, __m256 v, int64_t cnt) {
-  if (cnt < 8) {
-    alignas(32) T tmp[8];
-    store8(tmp, v, 8);
-    std::memcpy(dst, tmp, cnt * sizeof(T));
-    return;
-  }
-  if constexpr (std::is_same_v<T, float>) {
-    _mm256_storeu_ps(dst, v);
-  } else if constexpr (std::is_same_v<T, at::BFloat16>) {
-    const __m256i u = _mm256_castps_si256(v);  // finite values: round to nearest even on the bits
-    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
-    const __m256i p = _mm256_packus_epi32(r, r);  // per 128-bit lane: r0..r3 twice | r4..r7 twice
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_castsi256_si128(_mm256_permute4x64_epi64(p, 8)));
-  } else {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  }
-}
-#endif
-
-#ifdef SQ_NEON
-// the first cnt (<= 4) values of v, rounded to T as Tensor.to does (RNE)
-template <typename T>
-inline void store4(T* dst, float32x4_t v, int64_t cnt) {
-  if (cnt < 4) {
-    T tmp[4];
-    store4(tmp, v, 4);
-    std::memcpy(dst, tmp, cnt * sizeof(T));
-    return;
-  }
-  if constexpr (std::is_same_v<T, float>) {
-    vst1q_f32(dst, v);
-  } else if constexpr (std::is_same_v<T, at::BFloat16>) {
-    const uint32x4_t u = vreinterpretq_u32_f32(v);  // finite values: round to nearest even on the bits
-    const uint32x4_t lsb = vandq_u32(vshrq_n_u32(u, 16), vdupq_n_u32(1));
-    const uint32x4_t r = vshrq_n_u32(vaddq_u32(vaddq_u32(u, vdupq_n_u32(0x7FFF)), lsb), 16);
-    vst1_u16(reinterpret_cast<uint16_t*>(dst), vmovn_u32(r));
-  } else {
-    vst1_u16(reinterpret_cast<uint16_t*>(dst), vreinterpret_u16_f16(vcvt_f16_f32(v)));  // FPCR default: RNE
-  }
-}
-#endif
 
 template <int BITS, typename T>
 void dequant_rows(const Geometry& geo, const uint8_t* codes, int64_t row_bytes, const Meta& scale, const Meta& zero,
@@ -761,23 +755,13 @@ void dequant_rows(const Geometry& geo, const uint8_t* codes, int64_t row_bytes, 
           if (cnt > 16) store_block(dst + i0 + 16, _mm512_mul_ps(_mm512_sub_ps(hi, zv), sv), cnt - 16);
           continue;
         }
-#elif defined(SQ_AVX2)
+#elif defined(SQ_AVX2) || defined(SQ_NEON)
         if (!generic) {
-          __m256 v[4];
-          unpack_block_ps8<BITS>(blk, v);
-          const __m256 sv = _mm256_set1_ps(s[g]), zv = _mm256_set1_ps(z[g]);
-          for (int j = 0; j < 4 && 8 * j < cnt; ++j) {
-            store8(dst + i0 + 8 * j, _mm256_mul_ps(_mm256_sub_ps(v[j], zv), sv), cnt - 8 * j);
-          }
-          continue;
-        }
-#elif defined(SQ_NEON)
-        if (!generic) {
-          float32x4_t v[8];
-          unpack_block_ps4<BITS>(blk, v);
-          const float32x4_t sv = vdupq_n_f32(s[g]), zv = vdupq_n_f32(z[g]);
-          for (int j = 0; j < 8 && 4 * j < cnt; ++j) {
-            store4(dst + i0 + 4 * j, vmulq_f32(vsubq_f32(v[j], zv), sv), cnt - 4 * j);
+          Vec::V v[Vec::per_block];
+          Vec::unpack<BITS>(blk, v);
+          const Vec::V sv = Vec::set1(s[g]), zv = Vec::set1(z[g]);
+          for (int j = 0; j < Vec::per_block && Vec::L * j < cnt; ++j) {
+            Vec::store(dst + i0 + Vec::L * j, Vec::dequant(v[j], zv, sv), cnt - Vec::L * j);
           }
           continue;
         }
