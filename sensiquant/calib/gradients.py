@@ -83,7 +83,7 @@ def gradient_statistics(model: nn.Module, windows, layers: dict[str, nn.Linear],
         try:
             with tempfile.TemporaryDirectory(prefix="sensiquant-gradients-") as scratch:
                 loss, _ = streamed_gradient_statistics(
-                    source, windows, list(layers), lambda i, a, s: (abs_sum.update(a), sq_sum.update(s)),
+                    source, batches, list(layers), lambda i, a, s: (abs_sum.update(a), sq_sum.update(s)),
                     Path(scratch), dtype, progress)
         finally:
             model.train(was_training)

@@ -6,8 +6,9 @@ computes). At the top the causal-LM loss of each window is back-propagated throu
 chunks of positions (a 150k-token vocabulary's logits for a whole window are never held). Backward: block by block
 in reverse, the block is recomputed from its stored input with gradients on, the gradient at its output is
 back-propagated, its layers' |g| and g^2 are folded into their scores per window (as the whole-model pass does),
-and the gradient at its input is passed down. The same sums as :func:`~.gradients.gradient_statistics` (to fp32
-rounding), with one block's weights in memory."""
+and the gradient at its input is passed down. The same sums as a whole-model backward (to fp32 rounding), with one
+block's weights in memory; :func:`~.gradients.gradient_statistics` runs this same code over a model in memory
+(:class:`ResidentBlocks`), so that in-memory and streamed runs agree bit for bit."""
 
 from __future__ import annotations
 
