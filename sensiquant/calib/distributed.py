@@ -63,3 +63,49 @@ def all_mean(mean: torch.Tensor, count: int) -> tuple[torch.Tensor, int]:
     if total == 0:
         return mean, 0
     return all_sum(mean * (count / total)), total
+
+
+def _comm_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def broadcast_tensors(tensors: dict[str, torch.Tensor] | None, src: int, error: str | None = None
+                      ) -> dict[str, torch.Tensor]:
+    """Rank ``src``'s ``tensors`` on every rank (a JSON header of names, dtypes and shapes, then one buffer of their
+    bytes). ``error``, given on ``src``, is raised as a :class:`SensiquantError` on every rank instead, so that one
+    rank's failure never leaves the others waiting."""
+    if world_size() == 1:
+        if error is not None:
+            raise SensiquantError(error)
+        return tensors
+    import json
+
+    device = _comm_device()
+    header = b""
+    if rank() == src:
+        items = {} if error is not None else tensors
+        header = json.dumps({"error": error, "tensors": [[k, str(v.dtype).removeprefix("torch."), list(v.shape)]
+                                                          for k, v in items.items()]}).encode()
+    size = torch.tensor([len(header)], dtype=torch.int64, device=device)
+    dist.broadcast(size, src)
+    buf = (torch.frombuffer(bytearray(header), dtype=torch.uint8).to(device) if rank() == src
+           else torch.empty(int(size), dtype=torch.uint8, device=device))
+    dist.broadcast(buf, src)
+    meta = json.loads(bytes(buf.cpu().numpy()))
+    if meta["error"] is not None:
+        raise SensiquantError(meta["error"])
+    specs = [(k, getattr(torch, d), shape) for k, d, shape in meta["tensors"]]
+    nbytes = [int(torch.Size(shape).numel()) * torch.empty((), dtype=d).element_size() for _, d, shape in specs]
+    if rank() == src:
+        flat = torch.cat([tensors[k].detach().contiguous().reshape(-1).view(torch.uint8).to(device)
+                          for k, _, _ in specs]) if specs else torch.empty(0, dtype=torch.uint8, device=device)
+    else:
+        flat = torch.empty(sum(nbytes), dtype=torch.uint8, device=device)
+    dist.broadcast(flat, src)
+    if rank() == src:
+        return tensors
+    out, offset = {}, 0
+    for (k, d, shape), n in zip(specs, nbytes, strict=True):
+        out[k] = flat[offset:offset + n].clone().view(d).reshape(shape)
+        offset += n
+    return out

@@ -296,7 +296,18 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:500]} (run with --debug for the traceback)"
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that scratch folders and half-written files are removed on the way out."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
+
     from .commands import COMMANDS
 
     try:
@@ -313,16 +324,23 @@ def main(argv: list[str] | None = None) -> int:
 
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         result = COMMANDS[args.command](args)
-    except KeyboardInterrupt:
-        print("sensiquant: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated)
+        print(f"sensiquant: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130
     except Exception as exc:  # the outermost boundary: every failure becomes one line (--debug: the traceback)
         if args.debug:
             raise
         print(f"sensiquant: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     from ..calib.distributed import is_main
     from ..runtime.speed import peak_rss_mb
 

@@ -260,6 +260,7 @@ def open_streamed(name_or_path: str, trust_remote_code: bool = False, progress: 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from ..calib.sequential import find_block_list
+    from ..calib.streamed import PLAIN_HEAD
     from ..runtime.walk import find_linears
     from .models import refuse_incomplete_checkpoint
 
@@ -271,6 +272,9 @@ def open_streamed(name_or_path: str, trust_remote_code: bool = False, progress: 
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise SensiquantError(f"could not load model {name_or_path!r}: {str(exc).splitlines()[0]}") from exc
+    if getattr(config, "model_type", None) not in PLAIN_HEAD:  # their logits are head(norm(h)), nothing more
+        raise SensiquantError(f"streaming supports the decoders {', '.join(sorted(PLAIN_HEAD))}, not "
+                              f"{getattr(config, 'model_type', None)!r}: quantize it in memory (without --stream)")
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
     model.eval()

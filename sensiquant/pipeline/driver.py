@@ -12,7 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calib import calibrate_sequentially, calibration_windows, find_block_list, gradient_statistics, input_statistics
-from ..calib.distributed import shard, world_size
+from ..calib.distributed import broadcast_tensors, rank, shard, world_size
 from ..errors import SensiquantError
 from ..format.spec import LayerSpec
 from ..methods.base import LayerStats, method_name, needed_statistics, quantize_layer
@@ -137,14 +137,40 @@ def quantize_model(model: nn.Module, config: QuantConfig, tokenizer=None, progre
     q_start = time.perf_counter()
 
     @torch.no_grad()
-    def quantize_one(name: str, layer_stats: LayerStats) -> None:
+    def solve(name: str, layer_stats: LayerStats) -> dict[str, torch.Tensor]:
         layer = layers[name]
         try:
             qweight = quantize_layer(layer.weight.detach().float(), specs[name], config.method, layer_stats,
                                      masks.get(name))
         except ValueError as exc:
             raise SensiquantError(f"{name}: {exc}") from exc
-        store(name, qweight)
+        return qweight.to_tensors()
+
+    def quantize_many(names: list[str], layer_stats: Callable[[str], LayerStats]) -> None:
+        """Quantize and install ``names``; under torchrun each rank solves every N-th layer and sends it to the
+        others (the statistics are the same on every rank, so the result is what each would have computed)."""
+        world = world_size()
+        if world == 1:
+            for name in names:
+                install(name, solve(name, layer_stats(name)))
+            return
+        mine, error = {}, None
+        for j, name in enumerate(names):
+            if j % world == rank() and error is None:
+                try:
+                    mine[name] = solve(name, layer_stats(name))
+                except SensiquantError as exc:
+                    error = str(exc)
+        errors = [None] * world
+        for j, name in enumerate(names):
+            owner = j % world
+            try:
+                install(name, broadcast_tensors(mine.pop(name, None), owner, error if owner == rank() else None))
+            except SensiquantError as exc:
+                errors[owner] = errors[owner] or exc
+        failed = next((e for e in errors if e is not None), None)
+        if failed is not None:
+            raise failed
 
     def store(name: str, qweight) -> None:
         install(name, qweight.to_tensors())
@@ -162,7 +188,7 @@ def quantize_model(model: nn.Module, config: QuantConfig, tokenizer=None, progre
 
     rest = [name for name in layers if name not in in_blocks]
     for name in tqdm(rest, desc=method_name(config.method), disable=not progress or not rest):
-        quantize_one(name, LayerStats(**stats[name]))
+        install(name, solve(name, LayerStats(**stats[name])))
     if in_blocks and tuned:
         def tunable(name: str, block_stats: dict[str, torch.Tensor]) -> TunableWeight:
             try:
@@ -179,8 +205,7 @@ def quantize_model(model: nn.Module, config: QuantConfig, tokenizer=None, progre
         extra["tuning_loss"] = {str(i): [r.loss_start, min(r.loss_start, r.loss_end)] for i, r in results.items()}
     elif in_blocks:
         def quantize_block(block_stats: dict[str, dict[str, torch.Tensor]]) -> None:
-            for name, s in block_stats.items():
-                quantize_one(name, LayerStats(**s))
+            quantize_many(list(block_stats), lambda name: LayerStats(**block_stats[name]))
 
         calibrate_sequentially(model, blocks[0], blocks[1], windows, in_blocks, quantize_block, progress,
                                asymmetric, kept_blocks)

@@ -26,7 +26,8 @@ from ..serialize import atomic_file, write_text_atomic
 RESUME_VERSION = 1
 JOB = "job.json"
 GRADIENTS = "gradients.safetensors"
-FAULT_ENV = "SENSIQUANT_FAULT"  # tests: "gradients" or "block:N" kills the process (SIGKILL) right after that save
+FAULT_ENV = "SENSIQUANT_FAULT"  # tests: "gradients" or "block:N" kills the process (SIGKILL) right after that save;
+# a "+term" suffix ("block:0+term") sends SIGTERM instead
 _SEP = "::"  # layer name :: tensor name, in the block files
 
 
@@ -47,9 +48,11 @@ def model_fingerprint(layers: dict[str, nn.Linear]) -> str:
     return digest.hexdigest()
 
 
-def _fault(point: str) -> None:
-    if os.environ.get(FAULT_ENV) == point:
-        os.kill(os.getpid(), signal.SIGKILL)
+def fault_point(point: str) -> None:
+    """Tests: stop the process here when :data:`FAULT_ENV` names ``point``."""
+    wanted = os.environ.get(FAULT_ENV, "")
+    if wanted in (point, point + "+term"):
+        os.kill(os.getpid(), signal.SIGTERM if wanted.endswith("+term") else signal.SIGKILL)
 
 
 def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -126,7 +129,7 @@ class ResumeState:
 
     def save_gradients(self, abs_sum: dict[str, torch.Tensor], sq_sum: dict[str, torch.Tensor], meta: dict) -> None:
         self._write(join_scores(abs_sum, sq_sum), self.root / GRADIENTS, meta)
-        _fault("gradients")
+        fault_point("gradients")
 
     # gradient statistics of a streamed run, block by block ---------------------------------------------------
     def save_block_gradients(self, i: int, abs_sum: dict[str, torch.Tensor], sq_sum: dict[str, torch.Tensor]
@@ -136,7 +139,7 @@ class ResumeState:
     def finish_streamed_gradients(self, meta: dict) -> None:
         """Mark every block's scores as written (``meta``: the pass's seconds and loss)."""
         self._write({}, self.root / GRADIENTS, meta)
-        _fault("gradients")
+        fault_point("gradients")
 
     def streamed_gradients_done(self) -> dict | None:
         """What the finished streamed gradient pass recorded, or None when it did not finish."""
@@ -170,7 +173,7 @@ class ResumeState:
     def save_block(self, i: int, tensors: dict[str, dict[str, torch.Tensor]], meta: dict) -> None:
         flat = {f"{layer}{_SEP}{name}": t for layer, ts in tensors.items() for name, t in ts.items()}
         self._write(flat, self._block_path(i), meta)
-        _fault(f"block:{i}")
+        fault_point(f"block:{i}")
 
     def _write(self, tensors, path: Path, meta: dict) -> None:
         try:

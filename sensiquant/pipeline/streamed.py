@@ -34,7 +34,7 @@ from ..runtime.walk import find_linears, set_module
 from .config import QuantConfig
 from .driver import _GRADIENT_STATS, _INPUT_STATS, _fit_gguf, check_finite
 from .report import LayerReport, QuantReport
-from .resume import ResumeState, join_scores, split_scores
+from .resume import ResumeState, fault_point, join_scores, split_scores
 
 
 def _refuse(config: QuantConfig, calib_batches) -> None:
@@ -183,6 +183,8 @@ def quantize_streamed(streamed: StreamedModel, config: QuantConfig, tokenizer=No
                     install(n, qweight.to_tensors())
                 if resume is not None:
                     resume.save_block(i, {n: model.get_submodule(n).stored_tensors() for n in names}, {})
+                else:
+                    fault_point(f"block:{i}")
             streamed.keep(i)  # quantized: it stays
             release_freed_memory()  # its fp32 weights, Hessians and solver buffers
             if calls is not None:

@@ -2,10 +2,11 @@
 into the process. ``-O3 -march=native`` first, then portable ``-O3``, both with OpenMP, then serial ``-O3``.
 
 The cache is ``~/.cache/sensiquant/ext`` (``SENSIQUANT_EXT_DIR`` overrides it, ``SENSIQUANT_NO_EXT=1`` disables the
-extension). Code is only loaded from a cache that is private to this user (owned by it, writable by no one else),
-and a built library only when it matches the record written at its build (the sources' hash and the library's own
-sha256); anything else is rebuilt. :func:`build_extension` does the build ahead of time, e.g. from an install
-script::
+extension). ``SENSIQUANT_EXT_CFLAGS`` adds compiler flags to the native build, for example ``-mno-avx512f`` to
+build and measure the AVX2 path on a CPU that has AVX-512. Code is only loaded from a cache that is private to
+this user (owned by it, writable by no one else), and a built library only when it matches the record written at
+its build (the sources' hash and the library's own sha256); anything else is rebuilt. :func:`build_extension`
+does the build ahead of time, e.g. from an install script::
 
     python -c "from sensiquant.runtime.extension import build_extension; print(build_extension(verbose=True))"
 """
@@ -127,8 +128,12 @@ def build_extension(verbose: bool = False) -> dict:
 
         errors = []
         sources = _sources_tag()
+        extra = os.environ.get("SENSIQUANT_EXT_CFLAGS", "").split()
         for variant, cflags, ldflags in _FLAG_SETS:
             name = f"sensiquant_packed_{variant}_{sources}" + (f"_{_cpu_tag()}" if variant == "native" else "")
+            if variant == "native" and extra:
+                cflags = cflags + extra
+                name += "_" + hashlib.sha1(" ".join(extra).encode()).hexdigest()[:6]
             start = time.perf_counter()
             try:
                 build_dir = _private_dir(_private_dir(extension_dir()) / name)

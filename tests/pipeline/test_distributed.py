@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from sensiquant.io import load_model, load_quantized
-from tests.pipeline.distributed_stats import gwq_float32, statistics
+from tests.pipeline.distributed_stats import gwq_float32, sample_tensors, statistics
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -31,6 +31,18 @@ def test_all_reduced_statistics_equal_one_process(tiny_llama, tmp_path):
     for key, value in one.items():  # fp32 rounding: relative to each tensor's largest entry (sums of many terms)
         scale = float(value.double().abs().max())
         assert torch.allclose(two[key].double(), value.double(), rtol=1e-5, atol=1e-6 * scale), key
+
+
+def test_broadcast_sends_every_dtype_and_the_error_of_a_rank(tmp_path):
+    out = tmp_path / "got.safetensors"
+    done = _torchrun(str(REPO / "tests" / "pipeline" / "distributed_stats.py"), "broadcast", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = load_file(out)
+    assert bytes(got.pop("raised").tolist()).decode() == "layer x: went wrong"
+    want = sample_tensors()  # what rank 1 sent
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
 
 
 def _agreement(a: dict, b: dict) -> list[float]:

@@ -89,13 +89,13 @@ def test_streamed_checkpoint_equals_the_in_memory_one(tiny_llama, untied_llama, 
     assert _sha(tmp_path / "memory" / WEIGHTS) == _sha(tmp_path / "streamed" / WEIGHTS)
 
 
-def _quantize(model: Path, text: Path, out: Path, fault: str | None = None):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+def _quantize(model: Path, text: Path, out: Path, fault: str | None = None, *extra: str, **env_extra: str):
+    env = {**os.environ, "PYTHONPATH": str(REPO), **env_extra}
     env.pop(FAULT_ENV, None)
     if fault is not None:
         env[FAULT_ENV] = fault
     command = [sys.executable, "-m", "sensiquant", "quantize", str(model), "--out", str(out), "--quiet", "--stream",
-               "--method", "gwq", "--calib", str(text), "--calib-samples", "2", "--calib-seqlen", "64"]
+               "--method", "gwq", "--calib", str(text), "--calib-samples", "2", "--calib-seqlen", "64", *extra]
     return subprocess.run(command, env=env, capture_output=True, text=True, cwd=REPO, timeout=600)
 
 
@@ -114,6 +114,16 @@ def test_streamed_run_killed_three_times_resumes_to_the_same_checkpoint(tiny_lla
     assert not resume_dir(out).exists()
 
 
+def test_sigterm_leaves_neither_scratch_nor_checkpoint(tiny_llama, text_file, tmp_path):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    out = tmp_path / "ckpt"
+    stopped = _quantize(tiny_llama, text_file, out, "block:0+term", "--no-resume", TMPDIR=str(scratch))
+    assert stopped.returncode == 143, stopped.stderr
+    assert stopped.stderr.strip().splitlines()[-1] == "sensiquant: terminated"
+    assert list(scratch.iterdir()) == [] and not out.exists() and not resume_dir(out).exists()
+
+
 def test_streaming_refuses_what_it_cannot_do_in_one_line(tiny_llama):
     from sensiquant.methods.signround import SignRoundConfig
 
@@ -122,6 +132,17 @@ def test_streaming_refuses_what_it_cannot_do_in_one_line(tiny_llama):
         api.quantize(str(tiny_llama), config, progress=False, stream=True)
     with pytest.raises(SensiquantError, match="streaming needs a local model"):
         open_streamed("no/such-model", progress=False)
+
+
+def test_streaming_refuses_a_decoder_whose_head_is_more_than_norm_and_linear(tiny_llama, tmp_path):
+    import json
+    import shutil
+
+    folder = Path(shutil.copytree(tiny_llama, tmp_path / "cohere"))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "cohere"}))  # its logits are scaled
+    with pytest.raises(SensiquantError, match="streaming supports the decoders .* not 'cohere'"):
+        open_streamed(str(folder), progress=False)
 
 
 def test_tensor_source_reads_copies_and_knows_its_files(tiny_llama):
