@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -35,6 +36,10 @@ ROWS: dict[str, tuple[list[str] | None, str]] = {
                                               "bpp3.60-sensiboost_exact_fisher_plusgwq.json")], "bfloat16"),
 }
 LLAMA_CPP = ("Q4_K_M", "Q3_K_M")
+# --isa avx2 on an AVX-512 CPU: our extension, PyTorch's kernels (int4pack, attention) and oneDNN's matmuls all
+# limited to AVX2, to measure what an AVX2-only CPU gets (llama.cpp keeps its own build)
+ISA_LIMITS = {"avx2": {"SENSIQUANT_EXT_CFLAGS": "-mno-avx512f", "ATEN_CPU_CAPABILITY": "avx2",
+                       "ONEDNN_MAX_CPU_ISA": "AVX2"}}
 
 
 def cpu_description() -> str:
@@ -93,6 +98,8 @@ def main() -> None:
     ap.add_argument("--work-dir", default=str(Path.home() / ".cache" / "sensiquant-speed"))
     ap.add_argument("--peers-work-dir", default=str(Path.home() / ".cache" / "sensiquant-peers"))
     ap.add_argument("--rows", default=None, help="comma-separated row names (default: all)")
+    ap.add_argument("--isa", choices=sorted(ISA_LIMITS), default=None,
+                    help="limit the kernels to this ISA (the llama.cpp rows are skipped: their build is native)")
     ap.add_argument("--out", default=str(RESULTS / "speed.json"))
     ap.add_argument("--llama-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -101,6 +108,8 @@ def main() -> None:
         return
     work = Path(args.work_dir)
     wanted = set(args.rows.split(",")) if args.rows else None
+    if args.isa:
+        os.environ.update(ISA_LIMITS[args.isa])  # the children inherit it
     rows = []
     for name, (quantize_args, dtype) in ROWS.items():
         if wanted and name not in wanted:
@@ -121,7 +130,7 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     for setting in LLAMA_CPP:
-        if wanted and f"llama.cpp {setting}" not in wanted:
+        if args.isa or (wanted and f"llama.cpp {setting}" not in wanted):
             continue
         runs = [llama_cpp_row(setting, args) for _ in range(args.repeats)]
         ok = [r for r in runs if "error" not in r]
@@ -131,8 +140,9 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, {"cpu": cpu_description(), "threads": args.threads, "prompt_tokens": args.prompt_tokens,
-                     "new_tokens": args.new_tokens,
+    cpu = cpu_description() + (f", limited to {args.isa.upper()}" if args.isa else "")
+    write_json(out, {"cpu": cpu, "isa_limit": ISA_LIMITS.get(args.isa), "threads": args.threads,
+                     "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
                      "time": time.strftime("%Y-%m-%d %H:%M"), "rows": rows})
 
 
