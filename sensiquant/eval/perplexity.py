@@ -118,6 +118,32 @@ def nll_of_windows(model, windows: torch.Tensor, progress: bool = False, desc: s
     return total_nll, count
 
 
+class _DequantizedOnce:
+    """``source`` whose quantized layers dequantize once per block for all windows, not once per window."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __getattr__(self, name: str):
+        return getattr(self.source, name)
+
+    def _hold(self, block, hold: bool) -> None:
+        from ..runtime.qlinear import QuantLinear
+
+        for module in block.modules():
+            if isinstance(module, QuantLinear):
+                module.hold_dequantized(hold)
+
+    def load_block(self, i: int):
+        block = self.source.load_block(i)
+        self._hold(block, True)
+        return block
+
+    def free_block(self, i: int) -> None:
+        self._hold(self.source.blocks[i], False)
+        self.source.free_block(i)
+
+
 @torch.no_grad()
 def streamed_nll(source, windows: torch.Tensor, progress: bool = False, desc: str = "ppl") -> tuple[float, int]:
     """:func:`nll_of_windows` of a model whose blocks are in memory one at a time (``source``, a
@@ -126,7 +152,7 @@ def streamed_nll(source, windows: torch.Tensor, progress: bool = False, desc: st
     from ..calib.streamed import streamed_forward
 
     batches = [{"input_ids": w.unsqueeze(0).to(source.device)} for w in windows]
-    _, hidden = streamed_forward(source, batches, progress=progress, desc=desc)
+    _, hidden = streamed_forward(_DequantizedOnce(source), batches, progress=progress, desc=desc)
     with source.part("head") as head:
         total = sum(chunked_nll(head, source.norm(h), b["input_ids"]) for h, b in zip(hidden, batches, strict=True))
     return total, len(batches) * (windows.shape[1] - 1)

@@ -23,6 +23,7 @@ class QuantLinear(nn.Module):
         for name, value in tensors.items():
             self.register_buffer(name, value)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self._holding, self._held = False, None  # see hold_dequantized
 
     @classmethod
     def from_quantized(cls, qweight: QuantizedWeight, bias: torch.Tensor | None = None) -> QuantLinear:
@@ -48,9 +49,19 @@ class QuantLinear(nn.Module):
     def storage_bits(self) -> int:
         return storage_bits((self.out_features, self.in_features), self.spec, self.n_outliers)
 
+    def hold_dequantized(self, hold: bool = True) -> None:
+        """While held, the weight is dequantized on the first call and reused by the next ones (a block that runs
+        many windows in a row); releasing frees it."""
+        self._holding, self._held = hold, None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantize(x.dtype), bias)
+        w = self._held
+        if w is None or w.dtype != x.dtype:
+            w = self.dequantize(x.dtype)
+            if self._holding:
+                self._held = w
+        return F.linear(x, w, bias)
 
     def extra_repr(self) -> str:
         s = self.spec

@@ -172,6 +172,32 @@ def test_streamed_perplexity_equals_the_in_memory_one(tiny_llama, text_file):
                                                                                              rel=1e-5)
 
 
+def test_streamed_perplexity_of_a_quantized_model_dequantizes_each_layer_once(tiny_llama, text_file, tmp_path,
+                                                                             monkeypatch):
+    from sensiquant.eval.perplexity import nll_of_windows, tokenize_windows
+    from sensiquant.runtime.qlinear import QuantLinear
+
+    calls, seen = [], {}
+    dequantize = QuantLinear.dequantize
+    monkeypatch.setattr(QuantLinear, "dequantize", lambda self, *a: calls.append(self) or dequantize(self, *a))
+
+    def evaluate(model, tokenizer):  # before the checkpoint is written: the model is still streamed
+        windows = tokenize_windows(tokenizer, text_file.read_text(), 64, 3)
+        calls.clear()
+        layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+        seen.update(windows=windows, nll=nll_of_windows(model, windows), calls=len(calls), layers=len(layers),
+                    held=[m._held for m in layers if m._held is not None])
+        return {}
+
+    api.quantize(str(tiny_llama), recipe("hqq"), tmp_path / "q", progress=False, stream=True, evaluate=evaluate)
+    assert seen["calls"] == seen["layers"] == 14 and not seen["held"]  # each layer once, then released
+    windows, (got, count) = seen["windows"], seen["nll"]
+    calls.clear()
+    want, want_count = nll_of_windows(load_model(str(tmp_path / "q"))[0], windows)  # in memory: per window
+    assert len(calls) == 3 * seen["layers"]
+    assert count == want_count and got == pytest.approx(want, rel=1e-5)
+
+
 def test_cli_eval_stream(tiny_llama, text_file):
     from sensiquant.cli.main import main
 
