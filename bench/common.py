@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -18,10 +19,12 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 
 
-def run_json(cmd: list[str]) -> dict:
-    """Run ``cmd`` (from the repository root) and return the JSON object it prints last, or the error it died with."""
+def run_json(cmd: list[str], env: dict[str, str] | None = None) -> dict:
+    """Run ``cmd`` (from the repository root; ``env`` added to this process's environment) and return the JSON
+    object it prints last, or the error it died with."""
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
+                          env=None if env is None else {**os.environ, **env})
     if proc.returncode != 0:
         lines = proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"]
         return {"error": lines[-1]}

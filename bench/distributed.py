@@ -11,24 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-from bench.common import RESULTS, write_json
-
-
-def _run(command: list[str], env: dict) -> dict:
-    start = time.perf_counter()
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if done.returncode != 0:
-        return {"error": (done.stderr.strip().splitlines() or ["?"])[-1], "wall_seconds": wall}
-    text = done.stdout
-    return {**json.loads(text[text.index("{"):]), "wall_seconds": wall}
+from bench.common import RESULTS, run_json, write_json
 
 
 def code_agreement(a: Path, b: Path) -> float:
@@ -63,8 +50,7 @@ def main() -> None:
         out = work / name.replace(" ", "-")
         shutil.rmtree(out, ignore_errors=True)
         command = [*prefix, *flags, "--out", str(out)]
-        row = {"name": name, "command": " ".join(command[1:]), **env,
-               **_run(command, {**os.environ, **env})}
+        row = {"name": name, "command": " ".join(command[1:]), **env, **run_json(command, env)}
         rows.append(row)
         print(json.dumps(row), flush=True)
     outs = [work / name.replace(" ", "-") for name in runs]

@@ -95,7 +95,7 @@ def broadcast_tensors(tensors: dict[str, torch.Tensor] | None, src: int, error: 
     if meta["error"] is not None:
         raise SensiquantError(meta["error"])
     specs = [(k, getattr(torch, d), shape) for k, d, shape in meta["tensors"]]
-    nbytes = [int(torch.Size(shape).numel()) * torch.empty((), dtype=d).element_size() for _, d, shape in specs]
+    nbytes = [torch.Size(shape).numel() * d.itemsize for _, d, shape in specs]
     if rank() == src:
         flat = torch.cat([tensors[k].detach().contiguous().reshape(-1).view(torch.uint8).to(device)
                           for k, _, _ in specs]) if specs else torch.empty(0, dtype=torch.uint8, device=device)

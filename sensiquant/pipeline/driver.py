@@ -161,14 +161,13 @@ def quantize_model(model: nn.Module, config: QuantConfig, tokenizer=None, progre
                     mine[name] = solve(name, layer_stats(name))
                 except SensiquantError as exc:
                     error = str(exc)
-        errors = [None] * world
+        failed = None  # the first error in layer order: the same on every rank
         for j, name in enumerate(names):
             owner = j % world
             try:
                 install(name, broadcast_tensors(mine.pop(name, None), owner, error if owner == rank() else None))
             except SensiquantError as exc:
-                errors[owner] = errors[owner] or exc
-        failed = next((e for e in errors if e is not None), None)
+                failed = failed or exc
         if failed is not None:
             raise failed
 
