@@ -5,12 +5,14 @@
 # the library built here through LLAMA_CPP_LIB_PATH). Everything lands outside the repository. Idempotent: each
 # step is skipped when its result is there.
 #   bash bench/peers_llamacpp_setup.sh [VERSION]     (default 0.3.36; ~35 minutes on 1-2 busy cores)
-#   env: SENSIQUANT_PEERS_CACHE (default ~/.cache/sensiquant-peers), JOBS (parallel compile jobs, default 2)
+#   env: SENSIQUANT_PEERS_CACHE (default ~/.cache/sensiquant-peers), JOBS (parallel compile jobs, default 2),
+#        LLAMA_ISA=avx2: build only the library, without AVX-512, into llama.cpp-VERSION-avx2 (what an AVX2-only
+#        CPU runs; bench/speed.py --isa avx2 loads it; run the plain build first: the tools come from there)
 set -euo pipefail
 version="${1:-0.3.36}"
 root="${SENSIQUANT_PEERS_CACHE:-$HOME/.cache/sensiquant-peers}"
 src="$root/llama_cpp_python-$version"
-build="$root/llama.cpp-$version"
+build="$root/llama.cpp-$version${LLAMA_ISA:+-$LLAMA_ISA}"
 mkdir -p "$root"
 start=$SECONDS
 if [ ! -f "$src/vendor/llama.cpp/CMakeLists.txt" ]; then
@@ -21,9 +23,13 @@ fi
 # on an AVX-512 VM); a build made for another kind of CPU is rebuilt
 flags=$(grep -m1 '^flags' /proc/cpuinfo || true)
 has() { [[ " $flags " == *" $1 "* ]] && echo ON || echo OFF; }
+if [ "${LLAMA_ISA:-}" = "avx2" ]; then has() { echo OFF; }; targets="llama"
+elif [ -n "${LLAMA_ISA:-}" ]; then echo "LLAMA_ISA must be avx2 or unset, got $LLAMA_ISA" >&2; exit 2
+else targets="llama llama-quantize llama-imatrix"; fi
 isa="AVX512=$(has avx512f) VNNI=$(has avx512_vnni) BF16=$(has avx512_bf16) VBMI=$(has avx512vbmi)"
 if [ "$(cat "$build/isa.txt" 2>/dev/null)" != "$isa" ]; then rm -rf "$build"; fi
-if [ ! -x "$build/bin/llama-quantize" ] || [ ! -x "$build/bin/llama-imatrix" ] || [ ! -f "$build/bin/libllama.so" ]; then
+missing=0; for t in $targets; do [ -e "$build/bin/$t" ] || [ -e "$build/bin/lib$t.so" ] || missing=1; done
+if [ "$missing" = 1 ]; then
   echo "building llama.cpp $version in $build for $isa (logs: $build.cmake.log, $build.build.log)"
   cmake -S "$src/vendor/llama.cpp" -B "$build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON -DLLAMA_CURL=OFF \
     -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512="$(has avx512f)" \
@@ -31,7 +37,7 @@ if [ ! -x "$build/bin/llama-quantize" ] || [ ! -x "$build/bin/llama-imatrix" ] |
     -DGGML_AVX512_VBMI="$(has avx512vbmi)" -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF \
     -DGGML_AMX_BF16=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
     > "$build.cmake.log"
-  cmake --build "$build" --target llama llama-quantize llama-imatrix -j "${JOBS:-2}" > "$build.build.log"
+  cmake --build "$build" --target $targets -j "${JOBS:-2}" > "$build.build.log"
   echo "$isa" > "$build/isa.txt"
 fi
 installed=$(python -c "from importlib import metadata as m; print(m.version('llama_cpp_python'))" 2>/dev/null || true)

@@ -124,33 +124,39 @@ def peers_table(data: dict) -> str:
 
 
 def speed_table(data: dict) -> str:
-    """Prefill/decode tok/s and memory per row, decode as a ratio of the fp32 and bf16 originals (same run)."""
+    """Prefill/decode tok/s and memory per row; decode as a ratio of the fp32 and bf16 originals run by the same
+    decoder and of llama.cpp Q4_K_M (all in the same run)."""
     rows = data["rows"]
-    base = {r["name"]: r.get("decode_tokens_per_second") for r in rows}
-    fp32, bf16 = base.get("original fp32"), base.get("original bf16")
+    base = {(r["name"], r.get("decoder")): r.get("decode_tokens_per_second") for r in rows if "error" not in r}
+    llama = base.get(("llama.cpp Q4_K_M", None))
     cpu = f"{data['cpu']}; " if data.get("cpu") else ""
     lines = [f"{cpu}SmolLM2-135M, batch 1, {data['prompt_tokens']}-token prompt then {data['new_tokens']} greedy "
              f"tokens, {data['threads']} threads, best of the repeats; every row in a fresh process, one at a time.",
              "",
-             "| model | bits/param | kernels | prefill tok/s | decode tok/s | decode / fp32 | decode / bf16 | "
-             "peak RSS MiB | resident / stored weight bytes |", "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+             "| model | decoder | bits/param | kernels | prefill tok/s | decode tok/s | decode / fp32 | "
+             "decode / bf16 | decode / llama.cpp Q4_K_M | peak RSS MiB | resident / stored weight bytes |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def ratio(x, y):
+        return f"{x / y:.2f}" if x and y else "-"
+
     for r in rows:
+        decoder = r.get("decoder") or "-"
         if "error" in r:
-            lines.append(f"| {r['name']} | - | failed: {r['error'][:200]} | | | | | | |")
+            lines.append(f"| {r['name']} | {decoder} | - | failed: {r['error'][:200]} | | | | | | | |")
             continue
         dec = r["decode_tokens_per_second"]
-        ratio = (f"{r['resident_weight_bytes'] / r['stored_weight_bytes']:.3f}"
-                 if r.get("stored_weight_bytes") and r.get("resident_weight_bytes") else "-")
+        fp32 = base.get(("original fp32", r.get("decoder")))
+        bf16 = base.get(("original bf16", r.get("decoder")))
+        held = ratio(r.get("resident_weight_bytes"), r.get("stored_weight_bytes"))
         bits = f"{r['bits_per_param']:.3f}" if "bits_per_param" in r else "-"
         kernels = ", ".join(f"{k} {v}" for k, v in r.get("kernels", {}).items()) or r.get("dtype", "")
         isa = r.get("extension", {}).get("isa")
         if isa and "packed" in r.get("kernels", {}):
             kernels += f" ({isa})"
-        lines.append(f"| {r['name']} | {bits} | {kernels} | {r['prefill_tokens_per_second']:.0f} | {dec:.1f} | "
-                     f"{dec / fp32:.2f} | {dec / bf16:.2f} | {r.get('peak_rss_mb', 0):.0f} | {ratio} |"
-                     if fp32 and bf16 else
-                     f"| {r['name']} | {bits} | {kernels} | {r['prefill_tokens_per_second']:.0f} | {dec:.1f} | - | - | "
-                     f"{r.get('peak_rss_mb', 0):.0f} | {ratio} |")
+        lines.append(f"| {r['name']} | {decoder} | {bits} | {kernels} | {r['prefill_tokens_per_second']:.0f} | "
+                     f"{dec:.1f} | {ratio(dec, fp32)} | {ratio(dec, bf16)} | {ratio(dec, llama)} | "
+                     f"{r.get('peak_rss_mb', 0):.0f} | {held} |")
     return "\n".join(lines)
 
 

@@ -6,6 +6,10 @@ a fresh process; checkpoints are made once (``--work-dir``) and reused. Run alon
 
     python -m bench.speed [--threads 2] [--out bench/results/speed.json]
     python -m bench.speed --out bench/results/speed_avx2.json      # on an AVX2 machine without AVX-512
+    python -m bench.speed --isa avx2 --out bench/results/speed_avx2.json   # AVX2 paths on an AVX-512 machine
+
+Each sensiquant row runs with each decoder of ``--decoders`` (default: the lean static-cache loop, then
+transformers' own forward), so the table shows what the decode loop itself is worth.
 """
 
 from __future__ import annotations
@@ -40,6 +44,15 @@ LLAMA_CPP = ("Q4_K_M", "Q3_K_M")
 # limited to AVX2, to measure what an AVX2-only CPU gets (llama.cpp keeps its own build)
 ISA_LIMITS = {"avx2": {"SENSIQUANT_EXT_CFLAGS": "-mno-avx512f", "ATEN_CPU_CAPABILITY": "avx2",
                        "ONEDNN_MAX_CPU_ISA": "AVX2"}}
+DECODERS = ("lean", "transformers")
+
+
+def llama_cpp_library(isa: str | None) -> Path | None:
+    """The llama.cpp library built for ``isa`` (None: the native build), or None when it is not built."""
+    from bench.peers_llamacpp import BIN
+
+    path = BIN if isa is None else BIN.parent.with_name(f"{BIN.parent.name}-{isa}") / "bin"
+    return path if (path / "libllama.so").is_file() else None
 
 
 def cpu_description() -> str:
@@ -99,7 +112,10 @@ def main() -> None:
     ap.add_argument("--peers-work-dir", default=str(Path.home() / ".cache" / "sensiquant-peers"))
     ap.add_argument("--rows", default=None, help="comma-separated row names (default: all)")
     ap.add_argument("--isa", choices=sorted(ISA_LIMITS), default=None,
-                    help="limit the kernels to this ISA (the llama.cpp rows are skipped: their build is native)")
+                    help="limit the kernels to this ISA (llama.cpp rows need its build for that ISA: "
+                         "LLAMA_ISA=avx2 bash bench/peers_llamacpp_setup.sh)")
+    ap.add_argument("--decoders", default=",".join(DECODERS),
+                    help="decode loops to run each sensiquant row with (lean, transformers)")
     ap.add_argument("--out", default=str(RESULTS / "speed.json"))
     ap.add_argument("--llama-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -110,6 +126,10 @@ def main() -> None:
     wanted = set(args.rows.split(",")) if args.rows else None
     if args.isa:
         os.environ.update(ISA_LIMITS[args.isa])  # the children inherit it
+    library = llama_cpp_library(args.isa)
+    if library is not None:
+        os.environ["LLAMA_CPP_LIB_PATH"] = str(library)
+    decoders = args.decoders.split(",")
     rows = []
     for name, (quantize_args, dtype) in ROWS.items():
         if wanted and name not in wanted:
@@ -118,19 +138,26 @@ def main() -> None:
         if quantize_args is not None:
             path, made = checkpoint(name, quantize_args, work)
             model = str(path)
-        row = {"name": name, "dtype": dtype, **made}
-        if "error" not in row:
-            extra = ["--widen"] if "widened" in name else []
-            runs = [run_json([sys.executable, "-m", "sensiquant", "bench-speed", model, "--dtype", dtype, "--threads",
-                          str(args.threads), "--prompt-tokens", str(args.prompt_tokens), "--new-tokens",
-                          str(args.new_tokens), "--json", "--quiet", *extra]) for _ in range(args.repeats)]
-            ok = [r for r in runs if "error" not in r]
-            row.update(max(ok, key=lambda r: r["decode_tokens_per_second"]) if ok else runs[-1])
-            row["decode_runs"] = [r.get("decode_tokens_per_second") for r in runs]
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        for decoder in decoders:
+            row = {"name": name, "dtype": dtype, "decoder": decoder, **made}
+            if "error" not in row:
+                extra = ["--widen"] if "widened" in name else []
+                runs = [run_json([sys.executable, "-m", "sensiquant", "bench-speed", model, "--dtype", dtype,
+                                  "--threads", str(args.threads), "--prompt-tokens", str(args.prompt_tokens),
+                                  "--new-tokens", str(args.new_tokens), "--decoder", decoder, "--json", "--quiet",
+                                  *extra]) for _ in range(args.repeats)]
+                ok = [r for r in runs if "error" not in r]
+                row.update(max(ok, key=lambda r: r["decode_tokens_per_second"]) if ok else runs[-1])
+                row["decode_runs"] = [r.get("decode_tokens_per_second") for r in runs]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     for setting in LLAMA_CPP:
-        if args.isa or (wanted and f"llama.cpp {setting}" not in wanted):
+        if wanted and f"llama.cpp {setting}" not in wanted:
+            continue
+        if library is None:
+            rows.append({"name": f"llama.cpp {setting}", "error": f"no llama.cpp library built for "
+                         f"{args.isa or 'this CPU'}: run {'LLAMA_ISA=' + args.isa + ' ' if args.isa else ''}"
+                         "bash bench/peers_llamacpp_setup.sh"})
             continue
         runs = [llama_cpp_row(setting, args) for _ in range(args.repeats)]
         ok = [r for r in runs if "error" not in r]
@@ -142,6 +169,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     cpu = cpu_description() + (f", limited to {args.isa.upper()}" if args.isa else "")
     write_json(out, {"cpu": cpu, "isa_limit": ISA_LIMITS.get(args.isa), "threads": args.threads,
+                     "llama_cpp_library": None if library is None else str(library),
                      "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
                      "time": time.strftime("%Y-%m-%d %H:%M"), "rows": rows})
 

@@ -315,13 +315,14 @@ def _inference(args):
 
 
 def cmd_generate(args) -> dict:
-    from ..runtime import greedy_generate
+    from ..runtime.speed import generator
 
     if args.max_new_tokens < 2:
         raise SensiquantError(f"--max-new-tokens must be at least 2, got {args.max_new_tokens}")
     model, tokenizer, info = _inference(args)
     ids = tokenizer(args.prompt, return_tensors="pt").input_ids
-    tokens, prefill, decode = greedy_generate(model, ids, args.max_new_tokens)
+    generate, info["decoder"] = generator(model, args.decoder, max_len=ids.shape[1] + args.max_new_tokens)
+    tokens, prefill, decode = generate(ids, args.max_new_tokens)
     text = tokenizer.decode(tokens, skip_special_tokens=True)
     return {**info, "prompt": args.prompt, "completion": text, "tokens": tokens,
             "decode_tokens_per_second": (len(tokens) - 1) / decode if decode > 0 else None}
@@ -331,7 +332,8 @@ def cmd_bench_speed(args) -> dict:
     from ..runtime import measure_speed
 
     model, tokenizer, info = _inference(args)
-    result = measure_speed(model, tokenizer, args.prompt_tokens, args.new_tokens, data_dir=args.data_dir)
+    result = measure_speed(model, tokenizer, args.prompt_tokens, args.new_tokens, data_dir=args.data_dir,
+                           decoder=args.decoder)
     return {**info, **result.to_dict()}
 
 

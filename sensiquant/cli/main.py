@@ -9,6 +9,7 @@ import sys
 import time
 
 from ..errors import SensiquantError
+from ..runtime.speed import DECODERS, DEFAULT_DECODER
 
 
 class _Parser(argparse.ArgumentParser):
@@ -229,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
         r.add_argument("--widen", action=argparse.BooleanOptionalAction, default=False,
                        help="hold 2/3-bit codes as 4-bit codes for PyTorch's int4 kernel (4 bits in memory; default "
                             "off: they stay at their own width in the C++ kernel)")
+        r.add_argument("--decoder", choices=DECODERS, default=DEFAULT_DECODER,
+                       help="lean: our static-cache decode loop (LLaMA, Qwen2, Mistral); transformers: the model's "
+                            f"own forward; auto: lean where it runs the model (default {DEFAULT_DECODER})")
         r.add_argument("--threads", type=POSITIVE, default=None, help="torch threads (default: all cores)")
         _add_common(r, data=command == "bench-speed")
     return parser

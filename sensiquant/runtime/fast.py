@@ -328,6 +328,109 @@ def convert_to_fast(model: nn.Module, dtype: torch.dtype = torch.bfloat16, widen
     return paths
 
 
+def _cat_csr(parts: list[tuple | None], rows: list[int], dtype: torch.dtype):
+    """One CSR matrix of row-stacked CSR parts (None parts have no entries); None when no part has any."""
+    if all(p is None for p in parts):
+        return None, None, None
+    values, cols, ptrs, offset = [], [], [torch.zeros(1, dtype=torch.int32)], 0
+    for part, n in zip(parts, rows, strict=True):
+        if part is None:
+            ptrs.append(torch.full((n,), offset, dtype=torch.int32))
+            continue
+        v, c, ptr = part
+        values.append(v.to(dtype))
+        cols.append(c.to(torch.int32))
+        ptrs.append(ptr[1:].to(torch.int32) + offset)
+        offset += int(ptr[-1])
+    return torch.cat(values), torch.cat(cols), torch.cat(ptrs)
+
+
+def _cat_bias(layers, dtype: torch.dtype) -> torch.Tensor | None:
+    if all(layer.bias is None for layer in layers):
+        return None
+    return torch.cat([layer.bias.detach().to(dtype) if layer.bias is not None else
+                      torch.zeros(layer.out_features, dtype=dtype) for layer in layers])
+
+
+def fuse_rows(layers: list[nn.Module]) -> nn.Module | None:
+    """One layer computing ``cat([layer(x) for layer in layers], -1)`` (the layers share their input), or None.
+
+    Fuses ``nn.Linear`` layers of one dtype, and :class:`FastQuantLinear` layers of one spec, dtype and path whose
+    kernel buffers stack by rows: int4pack packs rows in blocks of 64, and 8-bit metadata is grouped over the
+    flattened scales, so every layer but the last must fill whole blocks. No second copy is kept: the layers'
+    weights and codes become views of the fused layer's (they compute as before)."""
+    first = layers[0]
+    if len(layers) < 2 or any(layer.in_features != first.in_features for layer in layers):
+        return None
+    rows = [layer.out_features for layer in layers]
+    if all(type(layer) is nn.Linear for layer in layers):
+        return _fuse_linears(layers, rows)
+    if not all(isinstance(layer, FastQuantLinear) for layer in layers) or \
+            len({(layer.spec, layer.path, layer.dtype) for layer in layers}) != 1 or first.path == "dequant":
+        return None
+    if first.path == "int4pack":
+        if any(n % 64 for n in rows[:-1]):
+            return None
+        big = {"packed": None, "delta_values": None, "delta_col": None}
+    else:
+        meta = first.meta_group
+        if meta and any(layer.scale_q.numel() != layer.scale_qscale.numel() * meta for layer in layers[:-1]):
+            return None
+        if len({layer.outlier_values.dtype for layer in layers if layer.outlier_values is not None}) > 1:
+            return None
+        stored = [p + s for p in ("scale", "zero") for s in (("_q", "_qscale", "_qzero") if meta else ("",))]
+        big = {"codes": None, **dict.fromkeys(stored), "outlier_values": None, "outlier_col_idx": None}
+    fused = FastQuantLinear(first.in_features, sum(rows), first.spec, first.path, first.dtype,
+                            _cat_bias(layers, first.dtype))
+    fused.kernel_name, fused.kernel_group = first.kernel_name, first.kernel_group
+    if first.path == "int4pack":
+        fused.register_buffer("scales_zeros", torch.cat([layer.scales_zeros for layer in layers], dim=1))
+        names = ("delta_values", "delta_col", "delta_ptr")
+    else:
+        names = ("outlier_values", "outlier_col_idx", "outlier_row_ptr")
+    parts = [None if getattr(layer, names[0]) is None else tuple(getattr(layer, n) for n in names)
+             for layer in layers]
+    dtype = next((p[0].dtype for p in parts if p is not None), torch.float16)
+    for name, value in zip(names, _cat_csr(parts, rows, dtype), strict=True):
+        if value is None:
+            setattr(fused, name, None)
+        else:
+            fused.register_buffer(name, value)
+    for name in big:
+        if getattr(fused, name, None) is None and name not in names:
+            fused.register_buffer(name, torch.cat([getattr(layer, name) for layer in layers]))
+    for name in big:  # the layers' own large tensors become views of the fused ones
+        whole, offset = getattr(fused, name), 0
+        if whole is None:
+            continue
+        for layer in layers:
+            own = getattr(layer, name)
+            if own is not None:
+                layer._buffers[name] = whole[offset:offset + own.shape[0]]
+                offset += own.shape[0]
+        assert offset == whole.shape[0]
+    for layer in layers:
+        layer._args = None
+    return fused
+
+
+def _fuse_linears(layers: list[nn.Linear], rows: list[int]) -> nn.Linear | None:
+    dtype = layers[0].weight.dtype
+    if any(layer.weight.dtype != dtype for layer in layers):
+        return None
+    fused = nn.Linear(layers[0].in_features, sum(rows), bias=False, device="meta")
+    fused.weight = nn.Parameter(torch.cat([layer.weight.detach() for layer in layers]), requires_grad=False)
+    bias = _cat_bias(layers, dtype)
+    fused.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+    offset = 0
+    for layer, n in zip(layers, rows, strict=True):  # views: no second copy of the weights
+        layer.weight = nn.Parameter(fused.weight.data[offset:offset + n], requires_grad=False)
+        if layer.bias is not None:
+            layer.bias = nn.Parameter(fused.bias.data[offset:offset + n], requires_grad=False)
+        offset += n
+    return fused
+
+
 def quant_weight_bytes(model: nn.Module) -> int:
     """Bytes of all :class:`FastQuantLinear` buffers of ``model`` (the quantized weights as held for inference)."""
     return sum(m.weight_bytes() for m in model.modules() if isinstance(m, FastQuantLinear))

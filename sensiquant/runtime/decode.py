@@ -1,0 +1,180 @@
+"""A lean batch-1 decode path for plain decoders (LLaMA, Qwen2, Mistral): a static KV cache and one short loop.
+
+transformers' generic forward costs more than the quantized matmuls at batch 1 on the CPU: a dynamic cache that
+concatenates keys and values on every step, mask construction, hooks, and a module call per small op. LeanDecoder
+reads the model's own modules once (norm weights, projections: ``nn.Linear``, ``QuantLinear`` or
+``FastQuantLinear`` alike, rotary tables) and runs each step as a fixed sequence of tensor ops:
+
+* keys and values go into preallocated fp32 tensors (attention is computed in fp32 on the CPU, see
+  :mod:`sensiquant.runtime.attention`), written in place; nothing is concatenated;
+* the query, key and value projections of a layer run as one fused product when the three layers allow it
+  (:func:`sensiquant.runtime.fast.fuse_rows`), and so do the gate and up projections;
+* the rotary tables are computed once for the whole cache length.
+
+Numerics follow transformers' (RMSNorm in fp32, residual stream in the model dtype); rotary and attention run in
+fp32, so logits equal transformers' up to the rounding of the model dtype (the suite checks fp32 models to 1e-4
+and greedy tokens of bf16 checkpoints). Architectures beyond the plain decoder raise :class:`LeanDecodeError`.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import SensiquantError
+
+ARCHITECTURES = ("llama", "qwen2", "mistral")
+ROPE_TYPES = ("default", "linear", "llama3")  # tables that do not depend on the sequence length
+
+
+class LeanDecodeError(SensiquantError):
+    """The model is not a plain decoder the lean path runs; use transformers' generate instead."""
+
+
+def _rope_type(rotary) -> str:
+    return str(getattr(rotary, "rope_type", "default"))
+
+
+def unsupported_reason(model) -> str | None:
+    """Why :class:`LeanDecoder` cannot run ``model`` (None when it can)."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ARCHITECTURES:
+        return f"model type {model_type!r} (the lean decode path runs {', '.join(ARCHITECTURES)})"
+    if getattr(config, "use_sliding_window", False) or getattr(config, "sliding_window", None) and \
+            model_type == "mistral":
+        return "sliding-window attention"
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb"):
+        return "no decoder layers or rotary embedding where transformers puts them"
+    if _rope_type(inner.rotary_emb) not in ROPE_TYPES:
+        return f"rope type {_rope_type(inner.rotary_emb)!r}"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"activation {config.hidden_act!r}"
+    return None
+
+
+class LeanDecoder:
+    """Greedy batch-1 decoding of ``model`` with a static KV cache of ``max_len`` positions.
+
+    ``generate(ids, new_tokens)`` has the contract of :func:`sensiquant.runtime.greedy_generate`. The decoder holds
+    references to the model's weights; fused projections take the place of their parts, which become views of them
+    (:func:`~sensiquant.runtime.fast.fuse_rows`), so the model runs on unchanged and nothing is held twice."""
+
+    def __init__(self, model: nn.Module, max_len: int = 2048, fuse: bool = True):
+        reason = unsupported_reason(model)
+        if reason is not None:
+            raise LeanDecodeError(f"the lean decode path cannot run this model: {reason}")
+        from .fast import fuse_rows
+
+        config, inner = model.config, model.model
+        self.model, self.max_len = model, max_len
+        self.dtype = inner.embed_tokens.weight.dtype
+        self.embed = inner.embed_tokens.weight
+        self.head = model.lm_head
+        self.final_norm = (inner.norm.weight, inner.norm.variance_epsilon)
+        attn0 = inner.layers[0].self_attn
+        self.head_dim = attn0.head_dim
+        self.n_heads = config.num_attention_heads
+        self.n_kv = getattr(config, "num_key_value_heads", None) or self.n_heads
+        self.scaling = attn0.scaling
+        self.layers = []
+        for layer in inner.layers:
+            a, m = layer.self_attn, layer.mlp
+            qkv = fuse_rows([a.q_proj, a.k_proj, a.v_proj]) if fuse else None
+            gate_up = fuse_rows([m.gate_proj, m.up_proj]) if fuse else None
+            self.layers.append({
+                "norm1": (layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon),
+                "norm2": (layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon),
+                "qkv": qkv, "q": a.q_proj, "k": a.k_proj, "v": a.v_proj, "o": a.o_proj,
+                "gate_up": gate_up, "gate": m.gate_proj, "up": m.up_proj, "down": m.down_proj})
+        self.fused = sum(layer["qkv"] is not None for layer in self.layers) + \
+            sum(layer["gate_up"] is not None for layer in self.layers)
+        device = self.embed.device
+        positions = torch.arange(max_len, device=device).unsqueeze(0)
+        probe = torch.zeros(1, dtype=torch.float32, device=device)
+        cos, sin = inner.rotary_emb(probe, positions)
+        self.cos, self.sin = cos[0].float(), sin[0].float()  # (max_len, head_dim)
+        shape = (len(self.layers), 1, self.n_kv, max_len, self.head_dim)
+        self.keys = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.values = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.length = 0
+
+    # -- one forward ----------------------------------------------------------------------------------------------
+    def _norm(self, h: torch.Tensor, norm) -> torch.Tensor:
+        weight, eps = norm
+        return weight * F.rms_norm(h.float(), (h.shape[-1],), eps=eps).to(h.dtype)
+
+    def _rope(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """Rotary embedding of x (T, heads, head_dim) in fp32 at positions start..start+T-1."""
+        t = x.shape[0]
+        cos, sin = self.cos[start:start + t, None], self.sin[start:start + t, None]
+        half = self.head_dim // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+    def forward(self, ids: torch.Tensor, last_only: bool = True) -> torch.Tensor:
+        """Logits (T or 1, vocab) of the 1-D ``ids`` appended at the current cache position."""
+        t = ids.shape[0]
+        start, end = self.length, self.length + t
+        if end > self.max_len:
+            raise LeanDecodeError(f"the static cache holds {self.max_len} positions; {end} were asked for")
+        nq, nkv, d = self.n_heads, self.n_kv, self.head_dim
+        h = self.embed[ids]  # (T, hidden) in the model dtype
+        for i, layer in enumerate(self.layers):
+            x = self._norm(h, layer["norm1"])
+            if layer["qkv"] is not None:
+                qkv = layer["qkv"](x).float().view(t, nq + 2 * nkv, d)
+                qk, v = self._rope(qkv[:, :nq + nkv], start), qkv[:, nq + nkv:]
+                q, k = qk[:, :nq], qk[:, nq:]
+            else:
+                q = self._rope(layer["q"](x).float().view(t, nq, d), start)
+                k = self._rope(layer["k"](x).float().view(t, nkv, d), start)
+                v = layer["v"](x).float().view(t, nkv, d)
+            self.keys[i, 0, :, start:end] = k.transpose(0, 1)
+            self.values[i, 0, :, start:end] = v.transpose(0, 1)
+            keys, values = self.keys[i, :, :, :end], self.values[i, :, :, :end]
+            attn = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), keys, values,
+                                                  is_causal=t > 1 and start == 0,
+                                                  attn_mask=self._mask(t, start) if t > 1 and start else None,
+                                                  scale=self.scaling, enable_gqa=nkv != nq)
+            h = h + layer["o"](attn[0].transpose(0, 1).reshape(t, nq * d).to(h.dtype))
+            x = self._norm(h, layer["norm2"])
+            if layer["gate_up"] is not None:
+                gate, up = layer["gate_up"](x).chunk(2, dim=-1)
+            else:
+                gate, up = layer["gate"](x), layer["up"](x)
+            h = h + layer["down"](F.silu(gate) * up)
+        self.length = end
+        if last_only:
+            h = h[-1:]
+        return self.head(self._norm(h, self.final_norm))
+
+    def _mask(self, t: int, start: int) -> torch.Tensor:
+        device = self.keys.device
+        rows = torch.arange(start, start + t, device=device)[:, None]
+        return torch.arange(start + t, device=device)[None, :] <= rows
+
+    def reset(self) -> None:
+        self.length = 0
+
+    # -- generation -----------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor, new_tokens: int) -> tuple[list[int], float, float]:
+        """Greedy tokens after ``input_ids`` (1, T); returns (tokens, prefill seconds, decode seconds)."""
+        if input_ids.shape[0] != 1:
+            raise LeanDecodeError(f"the lean decode path runs batch 1, got a batch of {input_ids.shape[0]}")
+        self.reset()
+        start = time.perf_counter()
+        logits = self.forward(input_ids[0])
+        prefill = time.perf_counter() - start
+        token = logits[-1].argmax()
+        tokens = [int(token)]
+        start = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            token = self.forward(token.view(1))[-1].argmax()
+            tokens.append(int(token))
+        return tokens, prefill, time.perf_counter() - start
