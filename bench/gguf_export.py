@@ -7,6 +7,8 @@ scores the file in llama.cpp on the same windows. Each llama.cpp row is ``llama-
 with an importance matrix over the same calibration windows. Bits/param: stored bytes of the block linears.
 
     python -m bench.gguf_export [--rows gptq-Q4_0,llama-Q4_0,gptq-Q4_0@Q4_0,...] [--max-windows 8] [--calib-windows 4]
+    python -m bench.gguf_export --model qwen2.5-coder-1.5b --rows gptq-Q3_K,llama-Q3_K --max-windows 4
+        (rows that are multiples of 256 take K-types everywhere; results in gguf_export_MODEL.json)
 
 ``ROW@TYPE`` exports the checkpoint of an earlier sensiquant row again with embeddings and head in TYPE.
 """
@@ -91,12 +93,13 @@ def llama_row(name: str, ctx) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None, help="model alias or path (default: SmolLM2-135M)")
     ap.add_argument("--rows", default=",".join(DEFAULT_ROWS))
     ap.add_argument("--max-windows", type=int, default=8)
     ap.add_argument("--calib-windows", type=int, default=4)
     ap.add_argument("--work-dir", default=str(Path.home() / ".cache" / "sensiquant-peers" / "work"))
     ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--out", default=str(RESULTS / "gguf_export.json"))
+    ap.add_argument("--out", default=None, help="results file (default bench/results/gguf_export[_MODEL].json)")
     args = ap.parse_args()
     from sensiquant.io.models import DEFAULT_MODEL
     from sensiquant.serialize import write_text_atomic
@@ -104,12 +107,14 @@ def main() -> None:
     reason = llama.available()
     if reason:
         raise SystemExit(f"llama.cpp is not available: {reason}")
-    work = Path(args.work_dir)
+    model = args.model or DEFAULT_MODEL
+    slug = "" if model == DEFAULT_MODEL else "_" + "".join(c if c.isalnum() or c == "." else "-" for c in model)
+    work = Path(args.work_dir) / slug.lstrip("_") if slug else Path(args.work_dir)  # cached files are per model
     work.mkdir(parents=True, exist_ok=True)
-    ctx = build_context(DEFAULT_MODEL, args.max_windows, 2048, args.calib_windows, work, args.data_dir)
-    out = Path(args.out)
+    ctx = build_context(model, args.max_windows, 2048, args.calib_windows, work, args.data_dir)
+    out = Path(args.out) if args.out else RESULTS / f"gguf_export{slug}.json"
     results = json.loads(out.read_text()) if out.is_file() else {"rows": []}
-    results.update(model=DEFAULT_MODEL, max_windows=args.max_windows, calib_windows=args.calib_windows,
+    results.update(model=model, max_windows=args.max_windows, calib_windows=args.calib_windows,
                    torch=torch.__version__, llama_cpp=llama.VERSION)
     for name in [r for r in args.rows.split(",") if r]:
         print(f"== {name}", flush=True)

@@ -17,13 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
 
 from bench.common import RESULTS, peak_rss_mb, run_json, write_json
 
-# name -> (quantize arguments, or None for the original; dtype)
+# name -> (quantize arguments, or None for the original; dtype); rows named "CHECKPOINT, VARIANT" reuse the
+# checkpoint of the row named CHECKPOINT and run bench-speed with the extra arguments of SPEED_ARGS
 ROWS: dict[str, tuple[list[str] | None, str]] = {
     "original fp32": (None, "float32"),
     "original bf16": (None, "bfloat16"),
@@ -32,6 +34,9 @@ ROWS: dict[str, tuple[list[str] | None, str]] = {
     "3-bit g64 (hqq)": (["--method", "hqq", "--bits", "3", "--group-size", "64"], "bfloat16"),
     # the same checkpoint with its 3-bit codes held as 4-bit codes for PyTorch's int4 kernel (bench-speed --widen)
     "3-bit g64 (hqq), widened to 4 bits": (["--method", "hqq", "--bits", "3", "--group-size", "64"], "bfloat16"),
+    # the head (49,152 x 576, tied to the embedding) as an RTN copy at run time: the largest matmul of a decode step
+    "4-bit g64 (hqq), 8-bit head": (["--method", "hqq", "--bits", "4", "--group-size", "64"], "bfloat16"),
+    "4-bit g64 (hqq), 4-bit head": (["--method", "hqq", "--bits", "4", "--group-size", "64"], "bfloat16"),
     # speed does not depend on calibration size: 4 windows instead of the default 16 to save time
     "gwq 3-bit g64 meta8 + 0.99% outliers": (["--method", "gwq", "--outlier-format", "csr", "--outlier-ratio", "0.0099",
                                               "--calib-samples", "4"], "bfloat16"),
@@ -39,6 +44,7 @@ ROWS: dict[str, tuple[list[str] | None, str]] = {
     "plan at 3.60 bits/param": (["--plan", str(RESULTS / "alloc_plans" /
                                               "bpp3.60-sensiboost_exact_fisher_plusgwq.json")], "bfloat16"),
 }
+SPEED_ARGS = {"widened to 4 bits": ["--widen"], "8-bit head": ["--head-bits", "8"], "4-bit head": ["--head-bits", "4"]}
 LLAMA_CPP = ("Q4_K_M", "Q3_K_M")
 # --isa avx2 on an AVX-512 CPU: our extension, PyTorch's kernels (int4pack, attention) and oneDNN's matmuls all
 # limited to AVX2, to measure what an AVX2-only CPU gets (llama.cpp keeps its own build)
@@ -71,7 +77,7 @@ def cpu_description() -> str:
 
 def checkpoint(name: str, quantize_args: list[str], work_dir: Path) -> tuple[Path, dict]:
     """The checkpoint of a row, made once."""
-    slug = "".join(c if c.isalnum() else "-" for c in name.split(", widened")[0]).strip("-")
+    slug = "".join(c if c.isalnum() else "-" for c in name.split(", ")[0]).strip("-")
     path = work_dir / slug
     if not (path / "sensiquant.json").is_file():
         made = run_json([sys.executable, "-m", "sensiquant", "quantize", "smollm2-135m", *quantize_args, "--out",
@@ -110,7 +116,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="runs per row; the faster decode is kept")
     ap.add_argument("--work-dir", default=str(Path.home() / ".cache" / "sensiquant-speed"))
     ap.add_argument("--peers-work-dir", default=str(Path.home() / ".cache" / "sensiquant-peers"))
-    ap.add_argument("--rows", default=None, help="comma-separated row names (default: all)")
+    ap.add_argument("--rows", default=None, help="row names separated by commas without a space (default: all)")
     ap.add_argument("--isa", choices=sorted(ISA_LIMITS), default=None,
                     help="limit the kernels to this ISA (llama.cpp rows need its build for that ISA: "
                          "LLAMA_ISA=avx2 bash bench/peers_llamacpp_setup.sh)")
@@ -123,7 +129,7 @@ def main() -> None:
         print(json.dumps(_llama_child(args)))
         return
     work = Path(args.work_dir)
-    wanted = set(args.rows.split(",")) if args.rows else None
+    wanted = set(re.split(r",(?! )", args.rows)) if args.rows else None  # names hold ", " themselves
     if args.isa:
         os.environ.update(ISA_LIMITS[args.isa])  # the children inherit it
     library = llama_cpp_library(args.isa)
@@ -139,9 +145,11 @@ def main() -> None:
             path, made = checkpoint(name, quantize_args, work)
             model = str(path)
         for decoder in decoders:
+            if "head" in name and decoder != "lean":
+                continue  # a quantized head needs the lean decoder
             row = {"name": name, "dtype": dtype, "decoder": decoder, **made}
             if "error" not in row:
-                extra = ["--widen"] if "widened" in name else []
+                extra = SPEED_ARGS.get(name.partition(", ")[2], [])
                 runs = [run_json([sys.executable, "-m", "sensiquant", "bench-speed", model, "--dtype", dtype,
                                   "--threads", str(args.threads), "--prompt-tokens", str(args.prompt_tokens),
                                   "--new-tokens", str(args.new_tokens), "--decoder", decoder, "--json", "--quiet",

@@ -321,7 +321,8 @@ def cmd_generate(args) -> dict:
         raise SensiquantError(f"--max-new-tokens must be at least 2, got {args.max_new_tokens}")
     model, tokenizer, info = _inference(args)
     ids = tokenizer(args.prompt, return_tensors="pt").input_ids
-    generate, info["decoder"] = generator(model, args.decoder, max_len=ids.shape[1] + args.max_new_tokens)
+    generate, info["decoder"] = generator(model, args.decoder, max_len=ids.shape[1] + args.max_new_tokens,
+                                          head_bits=args.head_bits)
     tokens, prefill, decode = generate(ids, args.max_new_tokens)
     text = tokenizer.decode(tokens, skip_special_tokens=True)
     return {**info, "prompt": args.prompt, "completion": text, "tokens": tokens,
@@ -333,7 +334,7 @@ def cmd_bench_speed(args) -> dict:
 
     model, tokenizer, info = _inference(args)
     result = measure_speed(model, tokenizer, args.prompt_tokens, args.new_tokens, data_dir=args.data_dir,
-                           decoder=args.decoder)
+                           decoder=args.decoder, head_bits=args.head_bits)
     return {**info, **result.to_dict()}
 
 

@@ -9,6 +9,7 @@ import sys
 import time
 
 from ..errors import SensiquantError
+from ..runtime.decode import HEAD_BITS
 from ..runtime.speed import DECODERS, DEFAULT_DECODER
 
 
@@ -233,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
         r.add_argument("--decoder", choices=DECODERS, default=DEFAULT_DECODER,
                        help="lean: our static-cache decode loop (LLaMA, Qwen2, Mistral); transformers: the model's "
                             f"own forward; auto: lean where it runs the model (default {DEFAULT_DECODER})")
+        r.add_argument("--head-bits", type=int, choices=HEAD_BITS, default=None,
+                       help="lean decoder: run the output head as an RTN-quantized copy at these bits (default: the "
+                            "head as loaded)")
         r.add_argument("--threads", type=POSITIVE, default=None, help="torch threads (default: all cores)")
         _add_common(r, data=command == "bench-speed")
     return parser

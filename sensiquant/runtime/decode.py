@@ -9,10 +9,12 @@ reads the model's own modules once (norm weights, projections: ``nn.Linear``, ``
   :mod:`sensiquant.runtime.attention`), written in place; nothing is concatenated;
 * the query, key and value projections of a layer run as one fused product when the three layers allow it
   (:func:`sensiquant.runtime.fast.fuse_rows`), and so do the gate and up projections;
-* the rotary tables are computed once for the whole cache length.
+* the rotary tables are computed once for the whole cache length;
+* optionally (``head_bits``) the output head runs as an RTN-quantized copy (8 or 4 bits, groups of 64): at batch 1
+  the vocabulary-sized head is the largest single matmul of a small model; the embedding lookup keeps the original.
 
-Numerics follow transformers' (RMSNorm in fp32, residual stream in the model dtype); rotary and attention run in
-fp32, so logits equal transformers' up to the rounding of the model dtype (the suite checks fp32 models to 1e-4
+Numerics follow transformers' (RMSNorm computed in fp32, residual stream in the model dtype); rotary and attention
+run in fp32, so logits equal transformers' up to the rounding of the model dtype (the suite checks fp32 models to 1e-4
 and greedy tokens of bf16 checkpoints). Architectures beyond the plain decoder raise :class:`LeanDecodeError`.
 """
 
@@ -28,6 +30,8 @@ from ..errors import SensiquantError
 
 ARCHITECTURES = ("llama", "qwen2", "mistral")
 ROPE_TYPES = ("default", "linear", "llama3")  # tables that do not depend on the sequence length
+HEAD_BITS = (8, 4)
+HEAD_GROUP = 64
 
 
 class LeanDecodeError(SensiquantError):
@@ -57,6 +61,21 @@ def unsupported_reason(model) -> str | None:
     return None
 
 
+def quantized_head(head: nn.Module, bits: int, dtype: torch.dtype) -> nn.Module:
+    """An RTN copy of the output head at ``bits`` (groups of 64) on the fast kernels, computing in ``dtype``."""
+    from ..format import LayerSpec
+    from ..methods import quantize_weight
+    from .fast import FastQuantLinear
+    from .qlinear import QuantLinear
+
+    if not isinstance(head, nn.Linear):
+        raise LeanDecodeError(f"only a plain linear head can be quantized, got {type(head).__name__}")
+    spec = LayerSpec(grid="rtn", bits=bits, group_size=HEAD_GROUP)
+    with torch.no_grad():
+        qlinear = QuantLinear.from_quantized(quantize_weight(head.weight.detach().float(), spec), head.bias)
+    return FastQuantLinear.from_quant_linear(qlinear, dtype=dtype)
+
+
 class LeanDecoder:
     """Greedy batch-1 decoding of ``model`` with a static KV cache of ``max_len`` positions.
 
@@ -64,17 +83,19 @@ class LeanDecoder:
     references to the model's weights; fused projections take the place of their parts, which become views of them
     (:func:`~sensiquant.runtime.fast.fuse_rows`), so the model runs on unchanged and nothing is held twice."""
 
-    def __init__(self, model: nn.Module, max_len: int = 2048, fuse: bool = True):
+    def __init__(self, model: nn.Module, max_len: int = 2048, fuse: bool = True, head_bits: int | None = None):
         reason = unsupported_reason(model)
         if reason is not None:
             raise LeanDecodeError(f"the lean decode path cannot run this model: {reason}")
+        if head_bits is not None and head_bits not in HEAD_BITS:
+            raise LeanDecodeError(f"head bits must be one of {HEAD_BITS}, got {head_bits}")
         from .fast import fuse_rows
 
         config, inner = model.config, model.model
         self.model, self.max_len = model, max_len
         self.dtype = inner.embed_tokens.weight.dtype
         self.embed = inner.embed_tokens.weight
-        self.head = model.lm_head
+        self.head = model.lm_head if head_bits is None else quantized_head(model.lm_head, head_bits, self.dtype)
         self.final_norm = (inner.norm.weight, inner.norm.variance_epsilon)
         attn0 = inner.layers[0].self_attn
         self.head_dim = attn0.head_dim
@@ -105,8 +126,9 @@ class LeanDecoder:
 
     # -- one forward ----------------------------------------------------------------------------------------------
     def _norm(self, h: torch.Tensor, norm) -> torch.Tensor:
+        """RMSNorm in one op (computed in fp32 inside, rounded once: transformers rounds before the weight too)."""
         weight, eps = norm
-        return weight * F.rms_norm(h.float(), (h.shape[-1],), eps=eps).to(h.dtype)
+        return F.rms_norm(h, (h.shape[-1],), weight, eps)
 
     def _rope(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """Rotary embedding of x (T, heads, head_dim) in fp32 at positions start..start+T-1."""
@@ -136,12 +158,17 @@ class LeanDecoder:
                 v = layer["v"](x).float().view(t, nkv, d)
             self.keys[i, 0, :, start:end] = k.transpose(0, 1)
             self.values[i, 0, :, start:end] = v.transpose(0, 1)
-            keys, values = self.keys[i, :, :, :end], self.values[i, :, :, :end]
-            attn = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), keys, values,
-                                                  is_causal=t > 1 and start == 0,
-                                                  attn_mask=self._mask(t, start) if t > 1 and start else None,
-                                                  scale=self.scaling, enable_gqa=nkv != nq)
-            h = h + layer["o"](attn[0].transpose(0, 1).reshape(t, nq * d).to(h.dtype))
+            keys, values = self.keys[i, 0, :, :end], self.values[i, 0, :, :end]
+            if t == 1:  # one query: three small batched products beat SDPA's dispatch (query head j reads j // group)
+                scores = torch.matmul(q.view(nkv, nq // nkv, d), keys.transpose(1, 2))
+                attn = torch.matmul(torch.softmax(scores.mul_(self.scaling), dim=-1), values).view(1, nq * d)
+            else:
+                attn = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), keys[None], values[None],
+                                                      is_causal=start == 0,
+                                                      attn_mask=self._mask(t, start) if start else None,
+                                                      scale=self.scaling, enable_gqa=nkv != nq)
+                attn = attn[0].transpose(0, 1).reshape(t, nq * d)
+            h = h + layer["o"](attn.to(h.dtype))
             x = self._norm(h, layer["norm2"])
             if layer["gate_up"] is not None:
                 gate, up = layer["gate_up"](x).chunk(2, dim=-1)

@@ -8,7 +8,8 @@
   ``out_features % 16 == 0`` and groups of 32/64/128/256 columns; a layer whose groups are all multiples of such a
   kernel group (576 = 4 x 128 + 64 runs at kernel group 64, scale and zero repeated) is accepted when its bytes stay
   within ``MEMORY_SLACK`` (10 %) of the stored bytes (the scale/zero pair is held in the activation dtype). Only
-  for bf16 layers (``INT4PACK_DTYPES``): PyTorch's fp32 and fp16 versions of the kernel are scalar code.
+  for bf16 layers (``INT4PACK_DTYPES``): PyTorch's fp32 and fp16 versions of the kernel are scalar code; and only
+  on AVX-512 CPUs unless widened (:func:`int4pack_preferred`).
 * ``packed``: everything else when the C++ extension (``csrc/packed_kernels.cpp``) builds: the codes stay densely
   bit-packed with their stored number of bits (re-laid out per row in blocks of 32 codes; groups whose width is
   not a multiple of 32 are zero-padded), scales/zeros and CSR outliers stay exactly as stored (FP16, or the 8-bit
@@ -94,11 +95,18 @@ def _int4pack_bytes(qlinear: QuantLinear, kgroup: int, dtype: torch.dtype) -> in
     return total
 
 
+def int4pack_preferred() -> bool:
+    """Whether 4-bit layers take int4pack: PyTorch's kernel is the faster one on AVX-512 CPUs; with AVX2 (and on
+    other CPUs) our packed kernel is (1.7x on SmolLM2's layers, BENCHMARKS.md "Kernels for AVX2"), so int4pack is
+    taken there only when the extension is missing. Follows ``ATEN_CPU_CAPABILITY``."""
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512") or not extension_available()
+
+
 def choose_path(qlinear: QuantLinear, dtype: torch.dtype = torch.bfloat16, widen: bool = False) -> str:
     """The path :meth:`FastQuantLinear.from_quant_linear` takes for ``qlinear`` (see the module docstring)."""
     bits = qlinear.spec.bits
     if int4pack_available() and dtype in INT4PACK_DTYPES and qlinear.out_features % 16 == 0 and \
-            (bits == 4 or (widen and bits < 4)):
+            ((bits == 4 and int4pack_preferred()) or (widen and bits < 4)):
         kgroup = kernel_group(qlinear.in_features, qlinear.spec.group_size)
         if kgroup is not None and (bits < 4 or _int4pack_bytes(qlinear, kgroup, dtype)
                                    <= (1 + MEMORY_SLACK) * _stored_bytes(qlinear)):

@@ -171,3 +171,24 @@ def test_measure_speed_and_the_cli_name_the_decoder(tiny_llama, data_dir, capsys
     assert json.loads(capsys.readouterr().out)["decoder"] == "transformers"
     assert main(["generate", str(tiny_llama), "hello", "--max-new-tokens", "4", "--dtype", "float32", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["decoder"] == "lean"
+
+
+@needs_ext
+def test_a_quantized_head_stays_close_and_needs_the_lean_path(tiny_llama, capsys):
+    model = make_tiny_llama()
+    ids = torch.randint(0, 256, (20,), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        ref = LeanDecoder(model, max_len=20).forward(ids, last_only=False)
+        errors = {}
+        for bits in (8, 4):
+            dec = LeanDecoder(model, max_len=20, head_bits=bits)
+            assert isinstance(dec.head, FastQuantLinear) and dec.head.spec.bits == bits
+            errors[bits] = ((dec.forward(ids, last_only=False) - ref).norm() / ref.norm()).item()
+    assert 0 < errors[8] < 0.01 < errors[4] < 0.2  # RTN error: 8 bits ~16x smaller than 4 bits
+    with pytest.raises(LeanDecodeError, match="head bits must be one of"):
+        LeanDecoder(model, head_bits=3)
+    with pytest.raises(LeanDecodeError, match="needs the lean decode path"):
+        generator(model, "transformers", head_bits=8)
+    assert main(["bench-speed", str(tiny_llama), "--prompt-tokens", "8", "--new-tokens", "3", "--head-bits", "8",
+                 "--decoder", "transformers"]) == 2
+    assert "needs the lean decode path" in capsys.readouterr().err

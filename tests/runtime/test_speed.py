@@ -36,6 +36,7 @@ def test_greedy_generation_from_reloaded_checkpoint_equals_in_memory(tiny_checkp
     # and so does the reloaded checkpoint through each fast kernel (fp32): the packed C++ kernel (or the dequantize
     # fallback without it), then PyTorch's int4pack kernel (taken in fp32 only when forced: it is slow there)
     # (the tiny model's 200-wide MLP is no multiple of 16, so its down/up layers stay on the packed path)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")  # int4pack wherever it can
     for int4pack_dtypes, wanted in (((torch.bfloat16,), {"packed", "dequant"}), ((torch.float32,), {"int4pack"})):
         monkeypatch.setattr(fast_kernels, "INT4PACK_DTYPES", int4pack_dtypes)
         monkeypatch.setattr(fast_kernels, "MEMORY_SLACK", 1.0)  # the tiny model's groups of 32 carry more metadata
