@@ -12,7 +12,7 @@
   on AVX-512 CPUs unless widened (:func:`int4pack_preferred`).
 * ``packed``: everything else when the C++ extension (``csrc/packed_kernels.cpp``) builds: the codes stay densely
   bit-packed with their stored number of bits (re-laid out per row in blocks of 32 codes; groups whose width is
-  not a multiple of 32 are zero-padded), scales/zeros and CSR outliers stay exactly as stored (FP16, or the 8-bit
+  not a multiple of 32 are zero-padded), scales/zeros stay exactly as stored (FP16, or the 8-bit
   ``quant_meta`` codes decoded per row in the kernel). Decode (at most ``GEMV_MAX_ROWS`` rows of x) runs a fused
   unpack-and-multiply, ``y[n] = sum_g scale[n,g] * (sum_k q[n,k] x[k] - zero[n,g] * sum_k x[k])`` accumulated
   in fp32 (AVX-512 FMAs; for bf16 x and 2-4-bit codes AVX512-BF16 dot products of exact bf16 codes and x, whose
@@ -20,12 +20,13 @@
   into a temporary weight in x's dtype and calls ``F.linear``.
 * ``dequant``: the pure PyTorch fallback when the extension is missing: stored tensors, dequantize, ``F.linear``.
 
-Outliers are applied exactly as the reference has them: the packed kernel adds ``(outlier - replaced code value)
-* x`` per outlier; the int4pack path stores that difference (fp32) as a CSR matrix and adds ``x @ delta^T`` after
-the kernel. Block outliers (``outlier_format="block"``) are converted once, at conversion, into CSR with their
-exact values in fp32 (``(q - zero) * scale + residual code * residual scale``, see
-:meth:`QuantizedWeight.csr_outliers`), which both kernels then take like FP16 CSR outliers: the numerics of the
-reference, at the memory of fp32 CSR instead of the stored blocks.
+Outliers are applied exactly as the reference has them, as fp32 corrections computed once at conversion: each
+outlier's value minus the code value it replaces. The packed kernel adds ``delta * x`` per outlier (nothing decoded
+per call; its dequantization writes replaced + delta, which equals the value exactly: ``packed_outlier_deltas``
+picks the delta so); the int4pack path adds ``x @ delta^T`` after its kernel. Block outliers
+(``outlier_format="block"``) are first converted into CSR with their exact values (``(q - zero) * scale + residual
+code * residual scale``, see :meth:`QuantizedWeight.csr_outliers`). Either way a layer holds fp32 corrections in
+CSR: 2 bytes per outlier more than FP16 CSR, and other bytes than the stored blocks.
 
 The extension is built and loaded by :mod:`sensiquant.runtime.extension`; the layouts live in
 :mod:`sensiquant.runtime.layout`.
@@ -189,13 +190,18 @@ class FastQuantLinear(nn.Module):
         self.kernel_name = f"sensiquant.packed_gemv[{info['isa']}]"
         qw = qlinear.quantized_weight()
         self.register_buffer("codes", to_kernel_layout(qw.codes, self.spec.bits, self.spec.group_size))
-        stored = qlinear.stored_tensors()  # scales, zeros, outliers: the stored tensors themselves, not copies
+        stored = qlinear.stored_tensors()  # scales and zeros: the stored tensors themselves, not copies
         for prefix in ("scale", "zero"):
             for suffix in (("_q", "_qscale", "_qzero") if self.meta_group else ("",)):
                 self.register_buffer(prefix + suffix, stored[prefix + suffix].contiguous())
         csr = qw.csr_outliers()  # the stored CSR tensors themselves, or block outliers converted (fp32 values)
-        values = (None, None, None) if csr is None else (csr.values, csr.col_idx, csr.row_ptr)
-        for name, value in zip(("outlier_values", "outlier_col_idx", "outlier_row_ptr"), values, strict=True):
+        values = (None, None, None)
+        if csr is not None:  # fp32 corrections, once: the GEMV then decodes nothing per outlier
+            delta = torch.ops.sensiquant.packed_outlier_deltas(
+                self.codes, self.spec.bits, self.group, self.in_features, *self._meta_args(), csr.values.contiguous(),
+                csr.col_idx.contiguous(), csr.row_ptr.contiguous())
+            values = (delta, csr.col_idx, csr.row_ptr)
+        for name, value in zip(("outlier_delta", "outlier_col_idx", "outlier_row_ptr"), values, strict=True):
             if value is not None:
                 self.register_buffer(name, value.contiguous())
             else:
@@ -233,7 +239,7 @@ class FastQuantLinear(nn.Module):
         return [self.scale, empty, empty, self.zero, empty, empty, 0]
 
     def _outlier_args(self) -> list:
-        return [self.outlier_values, self.outlier_col_idx, self.outlier_row_ptr]
+        return [self.outlier_delta, self.outlier_col_idx, self.outlier_row_ptr]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -384,10 +390,8 @@ def fuse_rows(layers: list[nn.Module]) -> nn.Module | None:
         meta = first.meta_group
         if meta and any(layer.scale_q.numel() != layer.scale_qscale.numel() * meta for layer in layers[:-1]):
             return None
-        if len({layer.outlier_values.dtype for layer in layers if layer.outlier_values is not None}) > 1:
-            return None
         stored = [p + s for p in ("scale", "zero") for s in (("_q", "_qscale", "_qzero") if meta else ("",))]
-        big = {"codes": None, **dict.fromkeys(stored), "outlier_values": None, "outlier_col_idx": None}
+        big = {"codes": None, **dict.fromkeys(stored), "outlier_delta": None, "outlier_col_idx": None}
     fused = FastQuantLinear(first.in_features, sum(rows), first.spec, first.path, first.dtype,
                             _cat_bias(layers, first.dtype))
     fused.kernel_name, fused.kernel_group = first.kernel_name, first.kernel_group
@@ -395,7 +399,7 @@ def fuse_rows(layers: list[nn.Module]) -> nn.Module | None:
         fused.register_buffer("scales_zeros", torch.cat([layer.scales_zeros for layer in layers], dim=1))
         names = ("delta_values", "delta_col", "delta_ptr")
     else:
-        names = ("outlier_values", "outlier_col_idx", "outlier_row_ptr")
+        names = ("outlier_delta", "outlier_col_idx", "outlier_row_ptr")
     parts = [None if getattr(layer, names[0]) is None else tuple(getattr(layer, n) for n in names)
              for layer in layers]
     dtype = next((p[0].dtype for p in parts if p is not None), torch.float16)

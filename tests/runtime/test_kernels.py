@@ -150,10 +150,11 @@ def test_memory_is_the_stored_bits(bits, group, quant_meta, outliers):
         names = dict(f.named_buffers())
         assert "qweight" not in names or path == "dequant"  # no duplicate of the stored codes
         assert not any(b.is_floating_point() and b.numel() >= 48 * 192 for b in names.values())  # no dense weight
+        corrections = 2 * q.n_outliers  # outliers held as fp32 corrections: 2 bytes more than FP16 values
         if path == "packed" and group % 32 == 0:
-            assert f.weight_bytes() == stored  # same bits: codes re-laid out, metadata and outliers as stored
+            assert f.weight_bytes() == stored + corrections  # codes re-laid out, metadata as stored
         if path == "packed":
-            assert f.weight_bytes() <= stored + 48 * (padded_in_features(192, group) - 192) * bits // 8
+            assert f.weight_bytes() <= stored + corrections + 48 * (padded_in_features(192, group) - 192) * bits // 8
         if path == "int4pack" and bits == 4 and choose_path(q, torch.bfloat16) == "int4pack":
             assert f.weight_bytes() <= 1.1 * stored
 
@@ -319,7 +320,7 @@ def _block(out_f, in_f, bits, group, quant_meta=False, outliers=0.03, bias=True,
 def test_block_outliers_packed_dequantize_is_bit_exact(bits):
     q = _block(48, 192, bits, 80, quant_meta=bits != 8, outliers=0.05)
     f = FastQuantLinear.from_quant_linear(q, dtype=torch.float32, path="packed")
-    assert f.outlier_values.dtype == torch.float32 and f.outlier_values.numel() == q.n_outliers
+    assert f.outlier_delta.dtype == torch.float32 and f.outlier_delta.numel() == q.n_outliers
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         assert torch.equal(f.dequantize(dtype), q.dequantize(dtype))
     x = torch.randn(2, 7, 192)  # prefill: dequantize + F.linear, the reference's own computation
@@ -365,9 +366,9 @@ def test_block_outliers_memory(bits, group, quant_meta):
         f = FastQuantLinear.from_quant_linear(q, dtype=torch.bfloat16, path=path)
         if path == "dequant":
             assert f.weight_bytes() == stored_bytes  # as stored
-        if path == "packed":  # the blocks held as CSR with fp32 values: FP16 CSR + 2 bytes per outlier
+        if path == "packed":  # the blocks held as fp32 corrections in CSR, as an FP16 CSR layer is
             g = FastQuantLinear.from_quant_linear(csr, dtype=torch.bfloat16, path=path)
-            assert f.weight_bytes() == g.weight_bytes() + 2 * q.n_outliers
+            assert f.weight_bytes() == g.weight_bytes()
             assert f.weight_bytes() == stored_bytes - block_bytes + csr_bytes + 2 * q.n_outliers
         if path == "int4pack":  # the same fp32 corrections as a CSR layer
             g = FastQuantLinear.from_quant_linear(csr, dtype=torch.bfloat16, path=path)

@@ -15,6 +15,7 @@
 #endif
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -70,9 +71,12 @@ struct Geometry {
   int64_t nblocks(int64_t g) const { return g < n_full ? nb_full : nb_tail; }
   int64_t width(int64_t g) const { return g < n_full ? gs : tail; }
   int64_t padded() const { return blocks * kBlock; }
+  // groups of whole blocks (or one group): every column sits at its own index in the padded layout
+  bool unpadded() const { return gs % kBlock == 0 || G == 1; }
+  int64_t group_of(int64_t k) const { return std::min(k / gs, G - 1); }
   // padded position of input column k
   int64_t position(int64_t k) const {
-    const int64_t g = std::min(k / gs, G - 1);
+    const int64_t g = group_of(k);
     return block_start(g) * kBlock + (k - g * gs);
   }
 };
@@ -144,12 +148,13 @@ struct Index {
   }
 };
 
+// Outliers as corrections, computed once per layer (outlier_delta): per outlier, its value minus the dequantized
+// code it replaces, in fp32, chosen so that replaced + delta rounds to the value exactly. The GEMV adds delta * x
+// (nothing to decode per call); dequantization writes replaced + delta, which is the outlier value.
 struct Outliers {
-  const at::Half* values = nullptr;  // FP16 values as stored, or
-  const float* values32 = nullptr;   // fp32 values (block outliers converted to CSR); both nullptr: none
+  const float* delta = nullptr;  // nullptr: none
   Index col, ptr;
-  inline bool any() const { return values != nullptr || values32 != nullptr; }
-  inline float value(int64_t j) const { return values != nullptr ? half_to_float(values[j]) : values32[j]; }
+  inline bool any() const { return delta != nullptr; }
 };
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -356,6 +361,20 @@ inline __m512i bf16_code_table() {
 }
 #endif
 
+// The dequantized code at input column k of a row, (q - zero) * scale in fp32, as the dequantization computes it.
+// Not inlined, so that the product is rounded to fp32 before a caller adds to it (inlined, -ffp-contract would
+// fuse "replaced + delta" into an FMA and the sum would miss the outlier value by an ulp).
+template <int BITS>
+#if defined(__GNUC__)
+__attribute__((noinline))
+#endif
+float replaced_value(const Geometry& geo, const uint8_t* row, const float* s, const float* z, int64_t k) {
+  const int64_t g = geo.group_of(k);
+  const int64_t pos = geo.position(k);
+  const int q = code_at<BITS>(row + (pos / kBlock) * 4 * BITS, static_cast<int>(pos % kBlock));
+  return (static_cast<float>(q) - z[g]) * s[g];
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // GEMV for M <= 4 rows of x.
 struct GemvCtx {
@@ -387,13 +406,11 @@ struct GemvCtx {
       acc[m] -= corr;
     }
     if (out.any()) {
+      const bool unpadded = geo.unpadded();
       for (int64_t j = out.ptr[n], e = out.ptr[n + 1]; j < e; ++j) {
         const int64_t k = out.col[j];
-        const int64_t g = std::min(k / geo.gs, geo.G - 1);
-        const int64_t pos = geo.block_start(g) * kBlock + (k - g * geo.gs);
-        const int q = code_at<BITS>(row + (pos / kBlock) * 4 * BITS, static_cast<int>(pos % kBlock));
-        const float replaced = (static_cast<float>(q) - z[g]) * s[g];
-        const float delta = out.value(j) - replaced;
+        const int64_t pos = unpadded ? k : geo.position(k);
+        const float delta = out.delta[j];
         for (int m = 0; m < MM; ++m) {
           acc[m] += delta * (xp16 != nullptr ? static_cast<float>(xp16[m * Kp + pos]) : xp[m * Kp + pos]);
         }
@@ -772,9 +789,34 @@ void dequant_rows(const Geometry& geo, const uint8_t* codes, int64_t row_bytes, 
     }
     if (out.any()) {
       for (int64_t j = out.ptr[n], e = out.ptr[n + 1]; j < e; ++j) {
-        wr[out.col[j]] = static_cast<T>(out.value(j));
+        const int64_t k = out.col[j];
+        wr[k] = static_cast<T>(replaced_value<BITS>(geo, row, s.data(), z.data(), k) + out.delta[j]);
       }
     }
+  }
+}
+
+// The correction of one outlier of value v whose place dequantizes to r: a delta with r + delta == v in fp32
+// (v - r rounded, or a neighbour of it when that sum rounds away from v), so that dequantization is exact.
+inline float outlier_delta(float v, float r) {
+  const float d = v - r;
+  if (r + d == v) return d;
+  float down = d, up = d;
+  for (int k = 0; k < 4; ++k) {
+    down = std::nextafter(down, -INFINITY);
+    up = std::nextafter(up, INFINITY);
+    if (r + down == v) return down;
+    if (r + up == v) return up;
+  }
+  return d;
+}
+
+// Corrections of a row's outliers from their values (``values``: FP16 or fp32, see Outliers).
+template <int BITS, typename V>
+void outlier_deltas_row(const Geometry& geo, const uint8_t* row, const float* s, const float* z, const V* values,
+                        const Index& col, int64_t j0, int64_t j1, float* delta) {
+  for (int64_t j = j0; j < j1; ++j) {
+    delta[j] = outlier_delta(static_cast<float>(values[j]), replaced_value<BITS>(geo, row, s, z, col[j]));
   }
 }
 }  // namespace

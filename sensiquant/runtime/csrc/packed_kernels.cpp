@@ -11,14 +11,16 @@
 //           (bit i = high bit of c[i]) in bytes 8..11
 // Scales and zeros stay as stored: FP16 (out, n_groups), or 8-bit codes with an FP16 scale and zero per
 // ``meta_group`` consecutive entries of the flattened (out, n_groups) matrix (decoded per row, exactly as
-// sensiquant.quant.affine._decode_meta does). Outliers (CSR, FP16 values or fp32 ones converted from block
-// outliers) replace the dequantized weight at their place.
+// sensiquant.quant.affine._decode_meta does). Outliers (CSR) replace the dequantized weight at their place; the
+// kernels take them as fp32 corrections (value minus the code value it replaces), computed once per layer by
+// packed_outlier_deltas, so that a GEMV adds delta * x per outlier and decodes nothing for it.
 //
 // Ops (namespace torch.ops.sensiquant):
 //   packed_gemv(x (M, K), ...)   y = x @ W^T (+ bias), for small M (decode): per output row and group,
 //                                 scale * (sum_k q_k x_k - zero * sum_k x_k) accumulated in fp32.
 //   packed_dequant(..., dtype)   the dense weight in dtype (prefill: one layer at a time), bit-equal to the reference;
 //   packed_dequant_into(out, ...) the same into a reused buffer (fresh large buffers cost page faults on every call).
+//   packed_outlier_deltas(...)   the fp32 corrections of CSR outliers (FP16 or fp32 values) that the ops above take.
 //   csr_add_(y, x, delta, ...)   y += x @ C^T (+ bias) for a CSR matrix C with fp32 values (int4pack corrections).
 //   isa()                        "avx512+bf16", "avx512", "avx2", "neon" or "generic": the vector path compiled in
 //                                (bf16 x with 2-4-bit codes uses vdpbf16ps on exact bf16 codes; fp32 FMAs otherwise).
@@ -67,19 +69,15 @@ Index make_index(const at::Tensor& t) {
   return Index{t.data_ptr(), st};
 }
 
-Outliers make_outliers(const std::optional<at::Tensor>& values, const std::optional<at::Tensor>& col,
+Outliers make_outliers(const std::optional<at::Tensor>& delta, const std::optional<at::Tensor>& col,
                        const std::optional<at::Tensor>& ptr, int64_t N) {
   Outliers o;
-  if (!values.has_value() || !values->defined() || values->numel() == 0) return o;
+  if (!delta.has_value() || !delta->defined() || delta->numel() == 0) return o;
   TORCH_CHECK(col.has_value() && ptr.has_value(), "outliers need column indices and row pointers");
-  TORCH_CHECK((values->scalar_type() == at::kHalf || values->scalar_type() == at::kFloat) && values->is_contiguous(),
-              "FP16 or fp32 outlier values expected");
-  TORCH_CHECK(ptr->numel() == N + 1 && col->numel() == values->numel(), "bad CSR outlier shapes");
-  if (values->scalar_type() == at::kHalf) {
-    o.values = values->data_ptr<at::Half>();
-  } else {
-    o.values32 = values->data_ptr<float>();
-  }
+  TORCH_CHECK(delta->scalar_type() == at::kFloat && delta->is_contiguous(),
+              "fp32 outlier corrections expected (from packed_outlier_deltas)");
+  TORCH_CHECK(ptr->numel() == N + 1 && col->numel() == delta->numel(), "bad CSR outlier shapes");
+  o.delta = delta->data_ptr<float>();
   o.col = make_index(*col);
   o.ptr = make_index(*ptr);
   return o;
@@ -100,7 +98,7 @@ void check_common(const at::Tensor& codes, int64_t bits, const Geometry& geo) {
 at::Tensor packed_gemv(const at::Tensor& x, const at::Tensor& codes, int64_t bits, int64_t group_size,
                        const at::Tensor& scale, const at::Tensor& scale_qscale, const at::Tensor& scale_qzero,
                        const at::Tensor& zero, const at::Tensor& zero_qscale, const at::Tensor& zero_qzero,
-                       int64_t meta_group, const std::optional<at::Tensor>& out_values,
+                       int64_t meta_group, const std::optional<at::Tensor>& out_delta,
                        const std::optional<at::Tensor>& out_col, const std::optional<at::Tensor>& out_ptr,
                        const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous (M, K) tensor");
@@ -144,7 +142,7 @@ at::Tensor packed_gemv(const at::Tensor& x, const at::Tensor& codes, int64_t bit
             codes.size(1),
             make_meta(scale, scale_qscale, scale_qzero, meta_group, N * geo.G),
             make_meta(zero, zero_qscale, zero_qzero, meta_group, N * geo.G),
-            make_outliers(out_values, out_col, out_ptr, N),
+            make_outliers(out_delta, out_col, out_ptr, N),
             use_bf16 ? nullptr : xp.data_ptr<float>(),
             use_bf16 ? xp.data_ptr<at::BFloat16>() : nullptr,
             xs.data_ptr<float>(),
@@ -181,7 +179,7 @@ void dequant_all(int64_t bits, const Geometry& geo, const uint8_t* cp, int64_t r
 at::Tensor packed_dequant(const at::Tensor& codes, int64_t bits, int64_t group_size, int64_t in_features,
                           const at::Tensor& scale, const at::Tensor& scale_qscale, const at::Tensor& scale_qzero,
                           const at::Tensor& zero, const at::Tensor& zero_qscale, const at::Tensor& zero_qzero,
-                          int64_t meta_group, const std::optional<at::Tensor>& out_values,
+                          int64_t meta_group, const std::optional<at::Tensor>& out_delta,
                           const std::optional<at::Tensor>& out_col, const std::optional<at::Tensor>& out_ptr,
                           at::ScalarType dtype, const std::optional<at::Tensor>& out) {
   const int64_t N = codes.size(0);
@@ -191,7 +189,7 @@ at::Tensor packed_dequant(const at::Tensor& codes, int64_t bits, int64_t group_s
               "dequantize to float32, bfloat16 or float16");
   const Meta s = make_meta(scale, scale_qscale, scale_qzero, meta_group, N * geo.G);
   const Meta z = make_meta(zero, zero_qscale, zero_qzero, meta_group, N * geo.G);
-  const Outliers o = make_outliers(out_values, out_col, out_ptr, N);
+  const Outliers o = make_outliers(out_delta, out_col, out_ptr, N);
   at::Tensor w;
   if (out.has_value() && out->defined()) {  // a reused workspace: no fresh pages to fault in on every call
     TORCH_CHECK(out->scalar_type() == dtype && out->is_contiguous() && out->numel() == N * in_features,
@@ -214,21 +212,67 @@ at::Tensor packed_dequant_into(at::Tensor out, const at::Tensor& codes, int64_t 
                                int64_t in_features, const at::Tensor& scale, const at::Tensor& scale_qscale,
                                const at::Tensor& scale_qzero, const at::Tensor& zero, const at::Tensor& zero_qscale,
                                const at::Tensor& zero_qzero, int64_t meta_group,
-                               const std::optional<at::Tensor>& out_values, const std::optional<at::Tensor>& out_col,
+                               const std::optional<at::Tensor>& out_delta, const std::optional<at::Tensor>& out_col,
                                const std::optional<at::Tensor>& out_ptr) {
   packed_dequant(codes, bits, group_size, in_features, scale, scale_qscale, scale_qzero, zero, zero_qscale, zero_qzero,
-                 meta_group, out_values, out_col, out_ptr, out.scalar_type(), out);
+                 meta_group, out_delta, out_col, out_ptr, out.scalar_type(), out);
   return out;
 }
 
 at::Tensor packed_dequant_new(const at::Tensor& codes, int64_t bits, int64_t group_size, int64_t in_features,
                               const at::Tensor& scale, const at::Tensor& scale_qscale, const at::Tensor& scale_qzero,
                               const at::Tensor& zero, const at::Tensor& zero_qscale, const at::Tensor& zero_qzero,
-                              int64_t meta_group, const std::optional<at::Tensor>& out_values,
+                              int64_t meta_group, const std::optional<at::Tensor>& out_delta,
                               const std::optional<at::Tensor>& out_col, const std::optional<at::Tensor>& out_ptr,
                               at::ScalarType dtype) {
   return packed_dequant(codes, bits, group_size, in_features, scale, scale_qscale, scale_qzero, zero, zero_qscale,
-                        zero_qzero, meta_group, out_values, out_col, out_ptr, dtype, std::nullopt);
+                        zero_qzero, meta_group, out_delta, out_col, out_ptr, dtype, std::nullopt);
+}
+
+// The corrections of CSR outliers (values FP16 or fp32) against the codes they replace (see Outliers).
+at::Tensor packed_outlier_deltas(const at::Tensor& codes, int64_t bits, int64_t group_size, int64_t in_features,
+                                 const at::Tensor& scale, const at::Tensor& scale_qscale, const at::Tensor& scale_qzero,
+                                 const at::Tensor& zero, const at::Tensor& zero_qscale, const at::Tensor& zero_qzero,
+                                 int64_t meta_group, const at::Tensor& values, const at::Tensor& col,
+                                 const at::Tensor& ptr) {
+  const int64_t N = codes.size(0);
+  Geometry geo(N, in_features, group_size);
+  check_common(codes, bits, geo);
+  TORCH_CHECK((values.scalar_type() == at::kHalf || values.scalar_type() == at::kFloat) && values.is_contiguous(),
+              "FP16 or fp32 outlier values expected");
+  TORCH_CHECK(ptr.numel() == N + 1 && col.numel() == values.numel(), "bad CSR outlier shapes");
+  const Meta s = make_meta(scale, scale_qscale, scale_qzero, meta_group, N * geo.G);
+  const Meta z = make_meta(zero, zero_qscale, zero_qzero, meta_group, N * geo.G);
+  const Index ci = make_index(col), pi = make_index(ptr);
+  at::Tensor delta = at::empty({values.numel()}, at::TensorOptions().dtype(at::kFloat));
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const int64_t rb = codes.size(1);
+  float* dp = delta.data_ptr<float>();
+  std::vector<float> sv(geo.G), zv(geo.G);
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t j0 = pi[n], j1 = pi[n + 1];
+    if (j0 == j1) continue;
+    s.decode_range(n * geo.G, geo.G, sv.data());
+    z.decode_range(n * geo.G, geo.G, zv.data());
+    const uint8_t* row = cp + n * rb;
+    auto one = [&](auto tag, const auto* vals) {
+      outlier_deltas_row<decltype(tag)::value>(geo, row, sv.data(), zv.data(), vals, ci, j0, j1, dp);
+    };
+    auto by_bits = [&](const auto* vals) {
+      switch (bits) {
+        case 2: return one(std::integral_constant<int, 2>{}, vals);
+        case 3: return one(std::integral_constant<int, 3>{}, vals);
+        case 4: return one(std::integral_constant<int, 4>{}, vals);
+        default: return one(std::integral_constant<int, 8>{}, vals);
+      }
+    };
+    if (values.scalar_type() == at::kHalf) {
+      by_bits(values.data_ptr<at::Half>());
+    } else {
+      by_bits(values.data_ptr<float>());
+    }
+  }
+  return delta;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -298,18 +342,23 @@ TORCH_LIBRARY(sensiquant, m) {
   m.def(
       "packed_gemv(Tensor x, Tensor codes, int bits, int group_size, Tensor scale, Tensor scale_qscale, "
       "Tensor scale_qzero, Tensor zero, Tensor zero_qscale, Tensor zero_qzero, int meta_group, "
-      "Tensor? out_values, Tensor? out_col, Tensor? out_ptr, Tensor? bias) -> Tensor",
+      "Tensor? out_delta, Tensor? out_col, Tensor? out_ptr, Tensor? bias) -> Tensor",
       &packed_gemv);
   m.def(
       "packed_dequant(Tensor codes, int bits, int group_size, int in_features, Tensor scale, Tensor scale_qscale, "
       "Tensor scale_qzero, Tensor zero, Tensor zero_qscale, Tensor zero_qzero, int meta_group, "
-      "Tensor? out_values, Tensor? out_col, Tensor? out_ptr, ScalarType dtype) -> Tensor",
+      "Tensor? out_delta, Tensor? out_col, Tensor? out_ptr, ScalarType dtype) -> Tensor",
       &packed_dequant_new);
   m.def(
       "packed_dequant_into(Tensor(a!) out, Tensor codes, int bits, int group_size, int in_features, Tensor scale, "
       "Tensor scale_qscale, Tensor scale_qzero, Tensor zero, Tensor zero_qscale, Tensor zero_qzero, int meta_group, "
-      "Tensor? out_values, Tensor? out_col, Tensor? out_ptr) -> Tensor(a!)",
+      "Tensor? out_delta, Tensor? out_col, Tensor? out_ptr) -> Tensor(a!)",
       &packed_dequant_into);
+  m.def(
+      "packed_outlier_deltas(Tensor codes, int bits, int group_size, int in_features, Tensor scale, "
+      "Tensor scale_qscale, Tensor scale_qzero, Tensor zero, Tensor zero_qscale, Tensor zero_qzero, int meta_group, "
+      "Tensor values, Tensor col, Tensor ptr) -> Tensor",
+      &packed_outlier_deltas);
   m.def("csr_add_(Tensor(a!) y, Tensor x, Tensor? values, Tensor? col, Tensor? ptr, Tensor? bias) -> Tensor(a!)",
         &csr_add_);
   m.def("isa() -> str", &isa);

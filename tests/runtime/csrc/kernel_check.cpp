@@ -49,7 +49,7 @@ struct Layer {
   std::vector<int> q;  // (N, K) codes, for the bound
   std::vector<at::Half> scale, zero, qscale, qzero;
   std::vector<uint8_t> scale8, zero8;
-  std::vector<at::Half> out_values;
+  std::vector<float> out_delta;  // outlier corrections (see Outliers)
   std::vector<int32_t> out_col;
   std::vector<int64_t> out_ptr;
   std::vector<float> bias;
@@ -120,13 +120,13 @@ void fill_layer(Layer& L, std::mt19937& rng, bool meta8, double outlier_rate) {
     for (int64_t k = 0; k < K; ++k) {
       if (unit(rng) < outlier_rate) {
         L.out_col.push_back(static_cast<int32_t>(k));
-        L.out_values.push_back(at::Half(normal(rng)));
+        L.out_delta.push_back(normal(rng));
       }
     }
     L.out_ptr.push_back(static_cast<int64_t>(L.out_col.size()));
   }
-  if (!L.out_values.empty()) {
-    L.out.values = L.out_values.data();
+  if (!L.out_delta.empty()) {
+    L.out.delta = L.out_delta.data();
     L.out.col = Index{L.out_col.data(), at::kInt};
     L.out.ptr = Index{L.out_ptr.data(), at::kLong};
   }
@@ -160,7 +160,7 @@ void check_gemv(std::mt19937& rng, const Layer& L, int64_t M, const std::string&
         bound += std::fabs(x[m * K + k]) * ((L.q[n * K + k] + std::fabs(z[g]) + 16.0) * std::fabs(s[g]));
       }
       for (int64_t j = L.out_ptr[n]; j < L.out_ptr[n + 1]; ++j)
-        bound += std::fabs(x[m * K + L.out_col[j]]) * std::fabs(static_cast<float>(L.out_values[j]));
+        bound += std::fabs(x[m * K + L.out_col[j]]) * std::fabs(L.out_delta[j]);
       const double u = std::ldexp(1.0, -24), nk = static_cast<double>(K + 8);
       const double tol = 2 * 2 * (nk * u / (1 - nk * u)) * bound;
       const double err = std::fabs(static_cast<double>(y_vec[m * N + n]) - y_gen[m * N + n]);
