@@ -19,8 +19,8 @@ from .methods.round import RoundConfig
 from .methods.signround import SignRoundConfig
 from .pipeline import DEFAULT_SKIP, QuantConfig, QuantReport, quantize_model, recipe
 from .pipeline.resume import ResumeState, discard, resume_dir
-from .planning import Plan, PlanConfig, apply_plan, make_plan, plan_quant_config
-from .runtime.device import DEFAULT_DEVICE, resolve_device
+from .planning import Plan, PlanCache, PlanConfig, apply_plan, make_plan, plan_quant_config
+from .runtime.device import DEFAULT_DEVICE, model_device, resolve_device
 from .runtime.walk import find_linears, model_size_bytes
 
 DEFAULT_RECIPE = "hqq"
@@ -179,13 +179,15 @@ def quantize_with_plan(model_name: str, plan_or_config: Plan | PlanConfig, out_d
     if out_dir is not None:
         check_out_dir(out_dir, model_name, overwrite)
     model, tokenizer = load_model(model_name, trust_remote_code=trust_remote_code)
-    the_plan = plan_or_config
+    the_plan, cache = plan_or_config, PlanCache()
     if isinstance(plan_or_config, PlanConfig):
-        the_plan = make_plan(model, tokenizer, plan_or_config, progress, model_name=str(model_name))
+        the_plan = make_plan(model, tokenizer, plan_or_config, progress, model_name=str(model_name), cache=cache)
     model.to(target)
     config = plan_quant_config(model, the_plan, method, tuning)
     state = _resume_state(out_dir, resume, model, config)
-    report, config = apply_plan(model, tokenizer, the_plan, method, progress, tuning, resume=state)
+    # the plan's gradient pass (on the CPU, over the windows the plan is applied with) serves the quantization too
+    shared = cache if model_device(model).type == "cpu" and world_size() == 1 else None
+    report, config = apply_plan(model, tokenizer, the_plan, method, progress, tuning, resume=state, cache=shared)
     card = _card(model_name, model, tokenizer, evaluate)
     if out_dir is not None and is_main():
         save_quantized(model, tokenizer, out_dir, config, report, extra_files={"plan.json": the_plan.to_json()},

@@ -90,7 +90,7 @@ def plan_config(args, **overrides):
 
     defaults = PlanConfig()
     kwargs = {"budget": args.budget, "skip": tuple(split(args.skip))}
-    for name in ("method", "exact", "error_metric", "apply_method", "outlier_format", "stop", "threshold"):
+    for name in ("method", "exact", "error_metric", "apply_method", "outlier_format", "error_fit", "stop", "threshold"):
         if getattr(args, name, None) is not None:
             kwargs[name] = getattr(args, name)
     if getattr(args, "outlier_ratios", None) is not None:
@@ -99,6 +99,10 @@ def plan_config(args, **overrides):
         except ValueError:
             raise SensiquantError(f"bad --outlier-ratios {args.outlier_ratios!r}: expected numbers like "
                                   "0,0.01") from None
+    if getattr(args, "error_rows", None) is not None:
+        if args.error_rows < 0:
+            raise SensiquantError(f"--error-rows must be 0 (all rows) or a positive number, got {args.error_rows}")
+        kwargs["error_rows"] = args.error_rows or None
     if getattr(args, "top_m", None) is not None:
         kwargs["top_m"] = None if args.top_m < 0 else args.top_m
     if getattr(args, "ladder", None):

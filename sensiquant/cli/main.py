@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ..pipeline import DEFAULT_SKIP, GWQ_SPEC, PRESETS, RECIPES
     from ..planning import PLAN_METHODS, PlanConfig
     from ..planning.plan import APPLY_METHODS
+    from ..planning.planner import ERROR_FITS
     from ..runtime.device import DEFAULT_DEVICE
 
     calib, outliers, plan, tuning = CalibConfig(), OutlierConfig(), PlanConfig(), SignRoundConfig()
@@ -156,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"default {plan.error_metric}")
     p.add_argument("--apply-method", choices=APPLY_METHODS, default=None,
                    help=f"how the plan is applied: round on the grid, or GPTQ on it (default {plan.apply_method})")
+    p.add_argument("--error-rows", type=int, default=None,
+                   help="output rows per matrix the error table measures, a seeded sample; 0: all rows (default "
+                        f"{plan.error_rows or 0})")
+    p.add_argument("--error-fit", choices=ERROR_FITS, default=None,
+                   help="grid fit of the error table: light (HQQ, one candidate, 10 iterations) or full (the rung's "
+                        f"own fit) (default {plan.error_fit})")
     p.add_argument("--stop", type=int, default=None, help=f"ladder rungs a flagged layer goes up (default {plan.stop})")
     p.add_argument("--threshold", type=float, default=None, help=f"z-score flagging a layer (default {plan.threshold})")
     p.add_argument("--top-m", type=int, default=None, help=f"flag at most N layers, -1: all (default {plan.top_m})")

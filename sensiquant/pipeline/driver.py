@@ -11,7 +11,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calib import calibrate_sequentially, calibration_windows, find_block_list, gradient_statistics, input_statistics
+from ..calib import (
+    GradientStats,
+    calibrate_sequentially,
+    calibration_windows,
+    find_block_list,
+    gradient_statistics,
+    input_statistics,
+)
 from ..calib.distributed import broadcast_tensors, rank, shard, world_size
 from ..errors import SensiquantError
 from ..format.spec import LayerSpec
@@ -70,13 +77,16 @@ def _fit_gguf(name: str, spec: LayerSpec, in_features: int) -> LayerSpec:
 
 
 def quantize_model(model: nn.Module, config: QuantConfig, tokenizer=None, progress: bool = True,
-                   calib_batches: list[dict] | None = None, resume: ResumeState | None = None) -> QuantReport:
+                   calib_batches: list[dict] | None = None, resume: ResumeState | None = None,
+                   gradients: GradientStats | None = None) -> QuantReport:
     """Quantize ``model`` in place as ``config`` says; returns the per-layer report.
 
     Calibration windows come from ``config.calib`` (needs ``tokenizer``) unless ``calib_batches`` (model input
     dicts, e.g. with images for a vision-language model) are given; nothing is calibrated when neither the method
     nor the outlier saliency needs statistics. With ``resume`` the gradient statistics and every finished block
     are kept there as they are done, and what an interrupted run of the same job kept is used instead of redone.
+    ``gradients``: statistics already gathered on ``config.calib``'s windows of this very model (e.g. by the plan
+    being applied), used instead of a second gradient pass over the same windows.
     """
     start = time.perf_counter()
     layers = find_linears(model, config.skip)
@@ -106,8 +116,8 @@ def quantize_model(model: nn.Module, config: QuantConfig, tokenizer=None, progre
     if needs & _GRADIENT_STATS:
         kept = resume.gradients() if resume is not None else None
         if kept is None:
-            grads = gradient_statistics(model, windows, layers, getattr(torch, config.calib.grad_dtype),
-                                        config.calib.checkpointing, progress)
+            grads = gradients if gradients is not None else gradient_statistics(
+                model, windows, layers, getattr(torch, config.calib.grad_dtype), config.calib.checkpointing, progress)
             kept = grads.abs_sum, grads.sq_sum, {"gradient_seconds": grads.seconds, "calib_loss": grads.loss}
             if resume is not None:
                 resume.save_gradients(*kept)

@@ -38,6 +38,7 @@ from .mxq import min_bits_for, solve_allocation
 from .outlier_layers import change_zscores, detect_outlier_layers
 from .plan import APPLY_METHODS, Plan, PlanLayer
 from .scoring import (
+    LIGHT_FIT,
     LayerSite,
     Timer,
     layer_sites,
@@ -49,6 +50,7 @@ from .scoring import (
 )
 
 PLAN_METHODS = ("uniform", "mxq", "sensiboost", "kurtboost")
+ERROR_FITS = ("light", "full")
 # What `sensiquant quantize --budget` uses: the best of bench/alloc.py (BENCHMARKS.md, "Layer-sensitive bits"): it
 # beats uniform HQQ at every budget <= 3.51 bits/param on SmolLM2-135M, and applied with GPTQ it beats the same
 # plan applied by rounding at both budgets where both were measured (3.51 and 3.60 bits/param).
@@ -60,7 +62,7 @@ BEST_METHOD = {"method": "sensiboost", "exact": True, "error_metric": "fisher", 
 class PlanConfig(Config):
     """How to make a plan. Defaults follow the SensiBoost/KurtBoost paper where it is specific (README)."""
 
-    VERSION = 2
+    VERSION = 3
     method: str = "sensiboost"
     budget: float = 3.25  # bits per parameter over the quantized linears, everything counted
     exact: bool = False  # boost inside the budget (ours) instead of on top of it (paper)
@@ -71,6 +73,10 @@ class PlanConfig(Config):
     outlier_ratios: tuple[float, ...] = (0.0,)  # GWQ outlier shares a matrix may take
     outlier_saliency: str = "grad"
     outlier_format: str = "csr"  # FP16 CSR (34 bits per outlier) or int8 block residuals (~18-22 bits)
+    # The error table's cost (BENCHMARKS.md, "Planning time"): output rows per matrix it measures (a seeded sample;
+    # None: all) and the grid fit it measures with ("light": HQQ without its second candidate, 10 iterations)
+    error_rows: int | None = 128
+    error_fit: str = "light"
     stop: int = 2  # rungs a flagged layer goes up (paper: 2-3)
     threshold: float = 3.0  # z-score above which a layer is an outlier layer
     top_m: int | None = 3  # keep at most this many flagged (block, type) pairs, largest z first
@@ -110,6 +116,11 @@ class PlanConfig(Config):
         if self.outlier_format not in OUTLIER_FORMATS:
             raise SensiquantError(f"unknown outlier format {self.outlier_format!r}: choose one of "
                                   f"{', '.join(OUTLIER_FORMATS)}")
+        if self.error_rows is not None and (isinstance(self.error_rows, bool) or not isinstance(self.error_rows, int)
+                                            or self.error_rows < 1):
+            raise SensiquantError(f"error rows must be a positive integer or None (all rows), got {self.error_rows!r}")
+        if self.error_fit not in ERROR_FITS:
+            raise SensiquantError(f"error fit must be one of {', '.join(ERROR_FITS)}, got {self.error_fit!r}")
         if self.stop < 0:
             raise SensiquantError(f"stop must be >= 0, got {self.stop}")
         if self.top_m is not None and self.top_m < 0:
@@ -131,6 +142,9 @@ class PlanConfig(Config):
             data["gradient_calib"] = {"source": calib, "samples": data.pop("grad_samples", 4),
                                       "seqlen": data.pop("grad_seqlen", 2048), "seed": seed, "data_dir": data_dir}
             data["apply_method"] = "gptq" if data.pop("backend", "hqq") == "gptq" else "round"
+        if version is None or version < 3:  # made before the error table sampled rows and fitted light
+            data.setdefault("error_rows", None)
+            data.setdefault("error_fit", "full")
         return data
 
 
@@ -143,6 +157,8 @@ class _ErrorKey:
     saliency: str | None  # how the option's outliers are picked (options with outliers only)
     outlier_format: str | None  # how they are stored (options with outliers only)
     gradients: CalibConfig | None  # the gradient windows the metric or the outliers used
+    rows: int | None  # the output rows measured per matrix (None: all)
+    fit: str  # the grid fit measured with
 
 
 @dataclass
@@ -292,14 +308,16 @@ def _error_table(run: _Run, problem: _Problem, config: PlanConfig, gradients: Gr
     def key(option, metric):
         rung, ratio = option
         return _ErrorKey(config.grid, metric, rung.name, ratio, config.outlier_saliency if ratio else None,
-                         config.outlier_format if ratio else None, grads if metric == "fisher" or ratio else None)
+                         config.outlier_format if ratio else None, grads if metric == "fisher" or ratio else None,
+                         config.error_rows, config.error_fit)
 
     missing = [o for o in problem.options if key(o, config.error_metric) not in run.cache.errors]
     if missing:
         with run.timer("errors"):
             tables = option_errors(run.layers, missing, config.grid, saliency,
                                    None if gradients is None else gradients.sq_sum, run.progress,
-                                   config.outlier_format)
+                                   config.outlier_format, config.error_rows, config.gradient_calib.seed,
+                                   LIGHT_FIT if config.error_fit == "light" else None)
         for metric, table in tables.items():
             for j, option in enumerate(missing):
                 run.cache.errors[key(option, metric)] = table[:, j]
@@ -415,11 +433,15 @@ def plan_quant_config(model: nn.Module, plan: Plan, method: RoundConfig | GPTQCo
 
 
 def apply_plan(model: nn.Module, tokenizer, plan: Plan, method: RoundConfig | GPTQConfig | None = None,
-               progress: bool = True, tuning: SignRoundConfig | None = None, resume: ResumeState | None = None
-               ) -> tuple[QuantReport, QuantConfig]:
+               progress: bool = True, tuning: SignRoundConfig | None = None, resume: ResumeState | None = None,
+               cache: PlanCache | None = None) -> tuple[QuantReport, QuantConfig]:
     """Quantize ``model`` in place as the plan says (see :func:`plan_quant_config`; ``resume`` as in
-    :func:`~sensiquant.pipeline.quantize_model`); returns the report and the QuantConfig that was applied."""
+    :func:`~sensiquant.pipeline.quantize_model`); returns the report and the QuantConfig that was applied.
+
+    ``cache``: the :class:`PlanCache` the plan was made with on this unchanged model, on the device it is applied
+    on; its gradient statistics over the plan's windows (the ones the plan is applied with) save a second pass."""
     config = plan_quant_config(model, plan, method, tuning)
-    report = quantize_model(model, config, tokenizer, progress, resume=resume)
+    gradients = None if cache is None else cache.gradients.get(config.calib)
+    report = quantize_model(model, config, tokenizer, progress, resume=resume, gradients=gradients)
     report.extra["plan"] = plan.summary()
     return report, config

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ..calib.windows import as_batches
 from ..format.accounting import storage_bits
+from ..format.spec import HQQParams
 from ..methods.outliers import top_mask
 from ..methods.round import quantize_weight
 from .ladder import LadderConfig
@@ -33,6 +34,9 @@ _PARTS = {
     "mlp.gate_up": ("gate_proj", "up_proj", "gate_up_proj", "w1", "w3", "fc1", "dense_h_to_4h", "c_fc"),
     "mlp.down": ("down_proj", "w2", "fc2", "dense_4h_to_h", "c_proj"),
 }
+# The error table's cheap HQQ fit (``PlanConfig.error_fit="light"``): one solve without the fractional-zero
+# candidate, at most 10 iterations; the fit of ``--preset fast``, which gave GWQ's PPL within the run-to-run spread
+LIGHT_FIT = HQQParams(fractional_candidate=False, iters=10)
 _LEAF_TO_PART = {leaf: part for part, leaves in _PARTS.items() for leaf in leaves}
 _BLOCK = re.compile(r"^(.*?)\.(\d+)\.(.+)$")
 
@@ -78,30 +82,54 @@ def option_costs(layers: dict[str, nn.Linear], options: Sequence[tuple[LadderCon
                       for c, r in options] for layer in layers.values()], dtype=np.float64)
 
 
+def sample_rows(n_rows: int, rows: int | None, seed: int) -> torch.Tensor | None:
+    """Sorted indices of ``rows`` of ``n_rows`` output rows drawn without replacement (seeded), or None for all.
+
+    Group-wise grids fit every row on its own, so the error of a row sample, scaled by ``n_rows / rows``, is an
+    unbiased estimate of the whole matrix's error, and every option of a layer is measured on the same rows."""
+    if rows is None or rows >= n_rows:
+        return None
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(n_rows, generator=generator)[:rows].sort().values
+
+
 @torch.no_grad()
 def option_errors(layers: dict[str, nn.Linear], options: Sequence[tuple[LadderConfig, float]], grid: str,
                   saliency: dict[str, torch.Tensor] | None = None,
                   weight_importance: dict[str, torch.Tensor] | None = None, progress: bool = True,
-                  outlier_format: str = "csr") -> dict[str, np.ndarray]:
+                  outlier_format: str = "csr", rows: int | None = None, seed: int = 0,
+                  hqq: HQQParams | None = None) -> dict[str, np.ndarray]:
     """Reconstruction error of every (layer, option): quantize the weight with that option and measure.
 
     Returns {"frobenius": ||W - Q(W)||_F (MXQ)} and, when ``weight_importance`` (per-weight squared-gradient sums)
     is given, also {"fisher": sqrt(sum F * (W - Q(W))^2)}, an estimate of the loss increase that sees which weights
-    matter. Options with outliers keep the top-``ratio`` weights by ``saliency``, stored in ``outlier_format``.
+    matter. Options with outliers keep the top-``ratio`` weights of the whole matrix by ``saliency``, stored in
+    ``outlier_format``. With ``rows``, each matrix is measured on that many of its output rows (the same seeded
+    sample for all its options, see :func:`sample_rows`) and the squared error scaled up to the whole matrix.
+    ``hqq`` replaces the HQQ solver settings of every option (e.g. :data:`LIGHT_FIT`, for a cheaper estimate).
     """
     metrics = ["frobenius"] + (["fisher"] if weight_importance is not None else [])
     errors = {m: np.zeros((len(layers), len(options))) for m in metrics}
+    ratios = sorted({r for _, r in options if r > 0})
     items = list(layers.items())
     for i, (name, layer) in enumerate(tqdm(items, desc="config errors", disable=not progress)):
         w = layer.weight.detach().float()
+        pick = sample_rows(w.shape[0], rows, seed + i)
+        scale = 1.0 if pick is None else w.shape[0] / len(pick)
+        masks = {r: top_mask(saliency[name], r) for r in ratios}
         importance = None if weight_importance is None else weight_importance[name].float()
+        if pick is not None:
+            w = w[pick]
+            masks = {r: m[pick] for r, m in masks.items()}
+            importance = None if importance is None else importance[pick]
         for j, (config, ratio) in enumerate(options):
-            mask = top_mask(saliency[name], ratio) if ratio > 0 else None
             spec = config.spec(grid, ratio, outlier_format).fitted(w.shape[1])
-            diff = (w - quantize_weight(w, spec, mask).dequantize()).square_()
-            errors["frobenius"][i, j] = float(diff.sum().sqrt())
+            if hqq is not None:
+                spec = spec.replace(hqq=hqq)
+            diff = (w - quantize_weight(w, spec, masks.get(ratio)).dequantize()).square_()
+            errors["frobenius"][i, j] = float(diff.sum().mul_(scale).sqrt())
             if importance is not None:
-                errors["fisher"][i, j] = float(diff.mul_(importance).sum().sqrt())
+                errors["fisher"][i, j] = float(diff.mul_(importance).sum().mul_(scale).sqrt())
     return errors
 
 

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -199,3 +200,81 @@ def test_bad_input_gives_clear_errors(capsys, tmp_path, tiny_llama):
         PlanConfig(ladder=("q4",))
     assert main(["quantize", str(tiny_llama), "--plan", str(tmp_path / "missing.json"), "--quiet"]) == 2
     assert "plan file not found" in capsys.readouterr().err
+
+
+def test_row_sampled_error_table_estimates_the_whole_matrix():
+    """A seeded row sample, scaled to the matrix, estimates the error table; all rows give the exact table."""
+    from sensiquant.planning.scoring import option_errors, sample_rows
+
+    assert sample_rows(64, None, 0) is None and sample_rows(64, 64, 0) is None
+    rows = sample_rows(256, 32, 3)
+    assert rows.tolist() == sorted(set(rows.tolist())) and len(rows) == 32
+    assert torch.equal(rows, sample_rows(256, 32, 3)) and not torch.equal(rows, sample_rows(256, 32, 4))
+    torch.manual_seed(0)
+    layers = {f"l{i}": torch.nn.Linear(256, 512, bias=False) for i in range(3)}
+    importance = {n: torch.rand(512, 256) for n in layers}
+    saliency = {n: torch.rand(512, 256) for n in layers}
+    options = [(LadderConfig.from_name(n), r) for n in ("b2g64", "b3g64", "b4g64") for r in (0.0, 0.01)]
+    full = option_errors(layers, options, "hqq", saliency, importance, progress=False)
+    same = option_errors(layers, options, "hqq", saliency, importance, progress=False, rows=512)
+    sampled = option_errors(layers, options, "hqq", saliency, importance, progress=False, rows=128)
+    for metric in ("frobenius", "fisher"):
+        assert np.array_equal(full[metric], same[metric])
+        assert not np.array_equal(full[metric], sampled[metric])
+        assert np.allclose(sampled[metric], full[metric], rtol=0.05)
+        # the ranking of the options of one layer is what the allocation reads: kept here
+        assert (np.argsort(sampled[metric], axis=1) == np.argsort(full[metric], axis=1)).all()
+
+
+def test_error_rows_plan_and_cli(tok, tmp_path, tiny_llama):
+    plan = make_plan(_model(2), tok, _config("mxq", 3.5, error_rows=8), progress=False)
+    assert plan.total_bits <= 3.5 * plan.total_params
+    assert PlanConfig.from_dict(plan.settings).error_rows == 8
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(SensiquantError, match="error rows"):
+            PlanConfig(error_rows=bad)
+    assert main(["plan", str(tiny_llama), "--budget", "3.4", "--method", "mxq", "--ladder", ",".join(LADDER),
+                 "--error-rows", "16", "--out", str(tmp_path / "p.json"), "--quiet"]) == 0
+    assert Plan.load(tmp_path / "p.json").settings["error_rows"] == 16
+    assert main(["plan", str(tiny_llama), "--budget", "3.4", "--error-rows", "-2", "--out",
+                 str(tmp_path / "q.json"), "--quiet"]) == 2
+    assert main(["plan", str(tiny_llama), "--budget", "3.4", "--method", "mxq", "--ladder", ",".join(LADDER),
+                 "--error-rows", "0", "--error-fit", "full", "--out", str(tmp_path / "f.json"), "--quiet"]) == 0
+    settings = Plan.load(tmp_path / "f.json").settings
+    assert settings["error_rows"] is None and settings["error_fit"] == "full"
+    with pytest.raises(SensiquantError, match="error fit"):
+        PlanConfig(error_fit="exact")
+    # plans made before version 3 measured every row with the full fit: read back as such
+    old = {k: v for k, v in PlanConfig().to_dict().items() if k not in ("error_rows", "error_fit")}
+    assert PlanConfig.from_dict({**old, "version": 2}).error_rows is None
+    assert PlanConfig.from_dict({**old, "version": 2}).error_fit == "full"
+    assert PlanConfig.from_dict(PlanConfig().to_dict()) == PlanConfig()
+
+
+def test_applying_a_plan_reuses_its_gradient_pass(tok, tiny_llama, text_file, monkeypatch):
+    """quantize_with_plan makes one gradient pass for the plan and its GWQ outliers, with the same checkpoint."""
+    import sensiquant.calib.gradients as gradients_module
+    import sensiquant.pipeline.driver as driver
+    import sensiquant.planning.planner as planner
+    from sensiquant import quantize_with_plan
+    from sensiquant.io import load_model
+
+    calls = []
+    real = gradients_module.gradient_statistics
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(planner, "gradient_statistics", counted)
+    monkeypatch.setattr(driver, "gradient_statistics", counted)
+    config = _config("mxq", 3.6, exact=True, outlier_ratios=(0.0, 0.02), outlier_format="block",
+                     gradient_calib=CalibConfig(source=str(text_file), samples=2, seqlen=64))
+    model, _, report, plan = quantize_with_plan(str(tiny_llama), config, progress=False)
+    assert len(calls) == 1 and report.n_outliers > 0
+    again, tok2 = load_model(str(tiny_llama))
+    apply_plan(again, tok2, plan, progress=False)  # no cache: its own gradient pass, the same result
+    assert len(calls) == 2
+    ids = torch.randint(0, 256, (1, 16))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, again(ids).logits)
