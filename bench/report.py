@@ -160,29 +160,54 @@ def speed_table(data: dict) -> str:
     return "\n".join(lines)
 
 
-def accuracy_table(data: dict) -> str:
-    """bench.accuracy rows: model, setting, exact bits/param, both PPLs, tuning losses, time and memory."""
+def _rows_table(data: dict, header: str, render) -> str:
+    """One bench's rows as a table under a line naming the windows: model, setting, then ``render(row)``'s cells;
+    a failed row says why."""
+    n_columns = header.count("|") - 1
     lines = [f"First {data['max_windows']} windows of {data['seqlen']} tokens of WikiText-2 test and of C4.", "",
-             "| model | configuration | bits/param | WikiText-2 PPL | C4 PPL | block loss start -> end | gradient s "
-             "| quantize s | peak RSS MiB |", "|---|---|---:|---:|---:|---|---:|---:|---:|"]
+             header, "|---|---|" + "---:|" * (n_columns - 2)]
     for r in data["rows"]:
         model, _, name = r["name"].partition(": ")
         if "error" in r:
-            lines.append(f"| {model} | {name} | - | failed: {r['error']} | | | | | |")
-            continue
+            lines.append(f"| {model} | {name} | - | failed: {r['error']} |" + " |" * (n_columns - 4))
+        else:
+            lines.append(f"| {model} | {name} | {render(r)} |")
+    return "\n".join(lines)
+
+
+def accuracy_table(data: dict) -> str:
+    """bench.accuracy rows: model, setting, exact bits/param, both PPLs, tuning losses, time and memory."""
+    def render(r):
         loss = r.get("tuning_loss_start_end")
         loss = f"{loss[0]:.1f} -> {loss[1]:.1f}" if loss else "-"
-        lines.append(f"| {model} | {name} | {r['bits_per_param']:.4f} | {r['ppl_wikitext2']:.2f} | "
-                     f"{r['ppl_c4']:.2f} | {loss} | {r['gradient_seconds']:.0f} | {r['quantize_seconds']:.0f} | "
-                     f"{r['peak_rss_mb']:.0f} |")
-    return "\n".join(lines)
+        return (f"{r['bits_per_param']:.4f} | {r['ppl_wikitext2']:.2f} | {r['ppl_c4']:.2f} | {loss} | "
+                f"{r['gradient_seconds']:.0f} | {r['quantize_seconds']:.0f} | {r['peak_rss_mb']:.0f}")
+
+    return _rows_table(data, "| model | configuration | bits/param | WikiText-2 PPL | C4 PPL | block loss start -> end "
+                             "| gradient s | quantize s | peak RSS MiB |", render)
+
+
+def plan_budget_table(data: dict) -> str:
+    """bench.plan_budget rows: setting, exact bits/param, both PPLs, planning time by stage, quantize time, memory."""
+    def render(r):
+        stages = r.get("plan_stage_seconds")
+        plan = (f"{r['plan_seconds']:.0f} ({stages.get('gradients', 0):.0f} / {stages.get('errors', 0):.0f} / "
+                f"{stages.get('sensitivity', 0):.0f})" if stages else "-")
+        shared = " (*)" if r.get("note") else ""  # the row's note says what shared the cores
+        return (f"{r['bits_per_param']:.4f} | {r['n_outliers']:,} | {r['ppl_wikitext2']:.2f} | {r['ppl_c4']:.2f} | "
+                f"{plan}{shared} | {r['quantize_seconds']:.0f}{shared} | {r['peak_rss_mb']:.0f}")
+
+    table = _rows_table(data, "| model | setting | bits/param | outliers | WikiText-2 PPL | C4 PPL | plan s "
+                              "(gradients / errors / sensitivity) | quantize s | peak RSS MiB |", render)
+    return table + "\n\n(*) times inflated: other jobs shared the two cores (each row's note in the JSON)."
 
 
 TABLES = {"foundation": ("foundation.json", foundation_table), "hqq_parity": ("hqq_parity.json", parity_table),
           "gwq": ("gwq.json", gwq_table), "accuracy": ("accuracy.json", accuracy_table),
           "alloc": ("alloc.json", alloc_table),
           "zeroshot": ("zeroshot.json", zeroshot_table), "peers": ("peers.json", peers_table),
-          "speed": ("speed.json", speed_table), "speed_avx2": ("speed_avx2.json", speed_table)}
+          "speed": ("speed.json", speed_table), "speed_avx2": ("speed_avx2.json", speed_table),
+          "plan_budget": ("plan_budget.json", plan_budget_table)}
 
 
 def alloc_plots() -> list[Path]:
