@@ -67,9 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     from ..methods import SALIENCIES, OutlierConfig, SignRoundConfig
     from ..methods.outliers import SCOPES
     from ..pipeline import DEFAULT_SKIP, GWQ_SPEC, PRESETS, RECIPES
-    from ..planning import PLAN_METHODS, PlanConfig
+    from ..planning import ERROR_FITS, PLAN_METHODS, PlanConfig
     from ..planning.plan import APPLY_METHODS
-    from ..planning.planner import ERROR_FITS
     from ..runtime.device import DEFAULT_DEVICE
 
     calib, outliers, plan, tuning = CalibConfig(), OutlierConfig(), PlanConfig(), SignRoundConfig()

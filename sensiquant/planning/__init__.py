@@ -12,9 +12,19 @@ from .outlier_layers import (
     trimmed_zscores,
 )
 from .plan import Plan, PlanLayer
-from .planner import BEST_METHOD, PLAN_METHODS, PlanCache, PlanConfig, apply_plan, make_plan, plan_quant_config
+from .planner import (
+    BEST_METHOD,
+    ERROR_FITS,
+    PLAN_METHODS,
+    PlanCache,
+    PlanConfig,
+    apply_plan,
+    make_plan,
+    plan_quant_config,
+)
 
-__all__ = ["BEST_METHOD", "CHANGE_MODES", "DEFAULT_LADDER", "META_GROUP_SIZE", "PLAN_METHODS", "LadderConfig", "Plan",
-           "PlanCache", "PlanConfig", "PlanLayer", "adjacent_changes", "allocation_cost", "allocation_error",
-           "apply_plan", "change_zscores", "detect_outlier_layers", "make_ladder", "make_plan", "min_bits_for",
-           "pearson_kurtosis", "plan_quant_config", "solve_allocation", "sort_ladder", "step_up", "trimmed_zscores"]
+__all__ = ["BEST_METHOD", "CHANGE_MODES", "DEFAULT_LADDER", "ERROR_FITS", "META_GROUP_SIZE", "PLAN_METHODS",
+           "LadderConfig", "Plan", "PlanCache", "PlanConfig", "PlanLayer", "adjacent_changes", "allocation_cost",
+           "allocation_error", "apply_plan", "change_zscores", "detect_outlier_layers", "make_ladder", "make_plan",
+           "min_bits_for", "pearson_kurtosis", "plan_quant_config", "solve_allocation", "sort_ladder", "step_up",
+           "trimmed_zscores"]

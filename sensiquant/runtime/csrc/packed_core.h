@@ -15,8 +15,8 @@
 #endif
 
 #include <algorithm>
-#include <cmath>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -396,8 +396,8 @@ struct GemvCtx {
   }
 
   // zero-point term, outlier corrections, bias, store
-  template <int BITS, int MM>
-  inline void finish_row(int64_t n, const uint8_t* row, const float* s, const float* z, float* acc) const {
+  template <int MM>
+  inline void finish_row(int64_t n, const float* s, const float* z, float* acc) const {
     const int64_t Kp = geo.padded();
     for (int m = 0; m < MM; ++m) {
       float corr = 0.f;
@@ -451,7 +451,7 @@ void gemv_generic(const GemvCtx& c, int64_t n0, int64_t n1) {
       for (int i = 0; i < 16; ++i) t += tot[m][i];
       acc[m] = t;
     }
-    c.template finish_row<BITS, MM>(n, row, s.data(), z.data(), acc);
+    c.template finish_row<MM>(n, s.data(), z.data(), acc);
   }
 }
 
@@ -502,7 +502,7 @@ void gemv_avx512(const GemvCtx& c, int64_t n0, int64_t n1) {
     }
     float acc[MM];
     for (int m = 0; m < MM; ++m) acc[m] = _mm512_reduce_add_ps(tot[m]);
-    c.template finish_row<BITS, MM>(n, row, s.data(), z.data(), acc);
+    c.template finish_row<MM>(n, s.data(), z.data(), acc);
   }
 }
 #endif
@@ -620,7 +620,7 @@ void gemv_vec(const GemvCtx& c, int64_t n0, int64_t n1) {
     }
     float acc[MM];
     for (int m = 0; m < MM; ++m) acc[m] = Vec::sum(tot[m]);
-    c.template finish_row<BITS, MM>(n, row, s.data(), z.data(), acc);
+    c.template finish_row<MM>(n, s.data(), z.data(), acc);
   }
 }
 #endif
@@ -665,7 +665,7 @@ void gemv_avx512bf16(const GemvCtx& c, int64_t n0, int64_t n1) {
     }
     float acc[MM];
     for (int m = 0; m < MM; ++m) acc[m] = _mm512_reduce_add_ps(tot[m]);
-    c.template finish_row<BITS, MM>(n, row, s.data(), z.data(), acc);
+    c.template finish_row<MM>(n, s.data(), z.data(), acc);
   }
 }
 #endif
@@ -811,12 +811,21 @@ inline float outlier_delta(float v, float r) {
   return d;
 }
 
-// Corrections of a row's outliers from their values (``values``: FP16 or fp32, see Outliers).
+// The corrections of rows [n0, n1)'s CSR outliers from their values (``values``: FP16 or fp32; see Outliers).
 template <int BITS, typename V>
-void outlier_deltas_row(const Geometry& geo, const uint8_t* row, const float* s, const float* z, const V* values,
-                        const Index& col, int64_t j0, int64_t j1, float* delta) {
-  for (int64_t j = j0; j < j1; ++j) {
-    delta[j] = outlier_delta(static_cast<float>(values[j]), replaced_value<BITS>(geo, row, s, z, col[j]));
+void outlier_deltas(const Geometry& geo, const uint8_t* codes, int64_t row_bytes, const Meta& scale, const Meta& zero,
+                    const V* values, const Index& col, const Index& ptr, float* delta, int64_t n0, int64_t n1) {
+  std::vector<float> s(geo.G), z(geo.G);
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t j0 = ptr[n], j1 = ptr[n + 1];
+    if (j0 == j1) continue;
+    scale.decode_range(n * geo.G, geo.G, s.data());
+    zero.decode_range(n * geo.G, geo.G, z.data());
+    const uint8_t* row = codes + n * row_bytes;
+    for (int64_t j = j0; j < j1; ++j) {
+      const float replaced = replaced_value<BITS>(geo, row, s.data(), z.data(), col[j]);
+      delta[j] = outlier_delta(static_cast<float>(values[j]), replaced);
+    }
   }
 }
 }  // namespace

@@ -229,6 +229,19 @@ at::Tensor packed_dequant_new(const at::Tensor& codes, int64_t bits, int64_t gro
                         zero_qzero, meta_group, out_delta, out_col, out_ptr, dtype, std::nullopt);
 }
 
+template <typename V>
+void outlier_deltas_all(int64_t bits, const Geometry& geo, const uint8_t* cp, int64_t rb, const Meta& s,
+                        const Meta& z, const V* values, const Index& col, const Index& ptr, float* delta) {
+  at::parallel_for(0, geo.N, grain_rows(geo.padded()), [&](int64_t n0, int64_t n1) {
+    switch (bits) {
+      case 2: return outlier_deltas<2, V>(geo, cp, rb, s, z, values, col, ptr, delta, n0, n1);
+      case 3: return outlier_deltas<3, V>(geo, cp, rb, s, z, values, col, ptr, delta, n0, n1);
+      case 4: return outlier_deltas<4, V>(geo, cp, rb, s, z, values, col, ptr, delta, n0, n1);
+      default: return outlier_deltas<8, V>(geo, cp, rb, s, z, values, col, ptr, delta, n0, n1);
+    }
+  });
+}
+
 // The corrections of CSR outliers (values FP16 or fp32) against the codes they replace (see Outliers).
 at::Tensor packed_outlier_deltas(const at::Tensor& codes, int64_t bits, int64_t group_size, int64_t in_features,
                                  const at::Tensor& scale, const at::Tensor& scale_qscale, const at::Tensor& scale_qzero,
@@ -248,29 +261,10 @@ at::Tensor packed_outlier_deltas(const at::Tensor& codes, int64_t bits, int64_t 
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   const int64_t rb = codes.size(1);
   float* dp = delta.data_ptr<float>();
-  std::vector<float> sv(geo.G), zv(geo.G);
-  for (int64_t n = 0; n < N; ++n) {
-    const int64_t j0 = pi[n], j1 = pi[n + 1];
-    if (j0 == j1) continue;
-    s.decode_range(n * geo.G, geo.G, sv.data());
-    z.decode_range(n * geo.G, geo.G, zv.data());
-    const uint8_t* row = cp + n * rb;
-    auto one = [&](auto tag, const auto* vals) {
-      outlier_deltas_row<decltype(tag)::value>(geo, row, sv.data(), zv.data(), vals, ci, j0, j1, dp);
-    };
-    auto by_bits = [&](const auto* vals) {
-      switch (bits) {
-        case 2: return one(std::integral_constant<int, 2>{}, vals);
-        case 3: return one(std::integral_constant<int, 3>{}, vals);
-        case 4: return one(std::integral_constant<int, 4>{}, vals);
-        default: return one(std::integral_constant<int, 8>{}, vals);
-      }
-    };
-    if (values.scalar_type() == at::kHalf) {
-      by_bits(values.data_ptr<at::Half>());
-    } else {
-      by_bits(values.data_ptr<float>());
-    }
+  if (values.scalar_type() == at::kHalf) {
+    outlier_deltas_all(bits, geo, cp, rb, s, z, values.data_ptr<at::Half>(), ci, pi, dp);
+  } else {
+    outlier_deltas_all(bits, geo, cp, rb, s, z, values.data_ptr<float>(), ci, pi, dp);
   }
   return delta;
 }
