@@ -5,7 +5,9 @@ Gloo on the CPU, NCCL on GPUs. With one process every function here is a no-op."
 
 from __future__ import annotations
 
+import atexit
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -20,6 +22,29 @@ def init_from_env() -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    atexit.register(_leave)
+
+
+def _leave() -> None:
+    """Destroy the process group while the interpreter is still alive (torch asks for it before exit)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _settled(op, t: torch.Tensor, *args) -> None:
+    """Run the collective ``op(t, *args)`` and return once its worker thread has let go of ``t``.
+
+    Gloo's worker drops its references to the tensors after the caller's wait has returned, and that drop takes the
+    GIL; a worker still queued for the GIL when the interpreter finalizes aborts the process ("terminate called
+    without an active exception", a rank lost after its work succeeded). Waiting here, with the GIL released, for
+    ``t``'s use count to come back closes that window."""
+    before = t._use_count()
+    op(t, *args)
+    if dist.get_backend() != "gloo":  # NCCL's watchdog releases its works on its own schedule
+        return
+    deadline = time.monotonic() + 60
+    while t._use_count() > before and time.monotonic() < deadline:
+        time.sleep(1e-4)
 
 
 def world_size() -> int:
@@ -51,7 +76,7 @@ def all_sum(t: torch.Tensor) -> torch.Tensor:
     if world_size() == 1:
         return t
     buf = t.to(torch.float64 if t.dtype == torch.float64 else torch.float32).contiguous()
-    dist.all_reduce(buf)
+    _settled(dist.all_reduce, buf)
     return buf.to(t.dtype)
 
 
@@ -87,10 +112,10 @@ def broadcast_tensors(tensors: dict[str, torch.Tensor] | None, src: int, error: 
         header = json.dumps({"error": error, "tensors": [[k, str(v.dtype).removeprefix("torch."), list(v.shape)]
                                                           for k, v in items.items()]}).encode()
     size = torch.tensor([len(header)], dtype=torch.int64, device=device)
-    dist.broadcast(size, src)
+    _settled(dist.broadcast, size, src)
     buf = (torch.frombuffer(bytearray(header), dtype=torch.uint8).to(device) if rank() == src
            else torch.empty(int(size), dtype=torch.uint8, device=device))
-    dist.broadcast(buf, src)
+    _settled(dist.broadcast, buf, src)
     meta = json.loads(bytes(buf.cpu().numpy()))
     if meta["error"] is not None:
         raise SensiquantError(meta["error"])
@@ -101,7 +126,7 @@ def broadcast_tensors(tensors: dict[str, torch.Tensor] | None, src: int, error: 
                           for k, _, _ in specs]) if specs else torch.empty(0, dtype=torch.uint8, device=device)
     else:
         flat = torch.empty(sum(nbytes), dtype=torch.uint8, device=device)
-    dist.broadcast(flat, src)
+    _settled(dist.broadcast, flat, src)
     if rank() == src:
         return tensors
     out, offset = {}, 0
