@@ -104,6 +104,45 @@ def zeroshot_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def _paired(a: list[int], b: list[int]) -> tuple[float, float]:
+    """Mean and standard error of the per-example difference a - b (the same examples, scored by two models)."""
+    d = [x - y for x, y in zip(a, b, strict=True)]
+    mean = sum(d) / len(d)
+    var = sum((x - mean) ** 2 for x in d) / max(len(d) - 1, 1)
+    return mean, (var / len(d)) ** 0.5
+
+
+def zeroshot_quantized_table(data: dict) -> str:
+    """The GWQ paper's zero-shot table in its shape: one row per model (the base first), acc +- stderr per task, the
+    mean over tasks, and the mean's change against the base with the paired standard error (the same examples)."""
+    runs = list(data["runs"].items())
+    tasks = list(dict.fromkeys(t for _, run in runs for t in run["tasks"]))
+    base = next((run for _, run in runs if "bits_per_param" not in run), None)
+    limits = {run["limit"] for _, run in runs}
+    windows = {run["ppl_windows"] for _, run in runs if "ppl_windows" in run}
+    lines = [f"First {', '.join(str(n) for n in sorted(limits, key=str))} examples of each task (all of a smaller "
+             "one); acc ± standard error; the change of the mean against the base ± its paired standard error. "
+             f"Perplexity on the first {', '.join(str(n) for n in sorted(windows)) or '-'} windows of 2048 tokens "
+             "(float32; the tasks in bfloat16 with a float32 head).", "",
+             "| model | bits/param | WikiText-2 PPL | C4 PPL | " + " | ".join(tasks) + " | mean | vs base |",
+             "|---|---:|---:|---:|" + "---:|" * (len(tasks) + 2)]
+    for name, run in runs:
+        done = [t for t in tasks if t in run["tasks"]]
+        cells = [f"{run['tasks'][t]['acc']:.3f} ± {run['tasks'][t]['acc_stderr']:.3f}" if t in run["tasks"] else "-"
+                 for t in tasks]
+        mean = sum(run["tasks"][t]["acc"] for t in done) / len(done) if len(done) == len(tasks) else None
+        delta = "-"
+        if mean is not None and base is not None and run is not base and all(t in base["tasks"] for t in tasks):
+            pairs = [_paired(run["tasks"][t]["per_example"], base["tasks"][t]["per_example"]) for t in tasks]
+            se = sum(s ** 2 for _, s in pairs) ** 0.5 / len(tasks)
+            delta = f"{sum(m for m, _ in pairs) / len(tasks) * 100:+.2f} ± {se * 100:.2f} pts"
+        bits = f"{run['bits_per_param']:.3f}" if "bits_per_param" in run else "32 (base)"
+        ppl = " | ".join(f"{run[k]:.2f}" if k in run else "-" for k in ("ppl_wikitext2", "ppl_c4"))
+        lines.append(f"| {run.get('label', name)} | {bits} | {ppl} | " + " | ".join(cells) +
+                     f" | {'-' if mean is None else f'{mean:.4f}'} | {delta} |")
+    return "\n".join(lines)
+
+
 def peers_table(data: dict) -> str:
     """Every peer and setting: bits/param, PPL on both sets, ratios to sensiquant's nearest-size row, time, RSS."""
     lines = [f"{data['model']}, first {data['max_windows']} windows of {data['seqlen']} tokens of WikiText-2 test and "
@@ -205,7 +244,9 @@ def plan_budget_table(data: dict) -> str:
 TABLES = {"foundation": ("foundation.json", foundation_table), "hqq_parity": ("hqq_parity.json", parity_table),
           "gwq": ("gwq.json", gwq_table), "accuracy": ("accuracy.json", accuracy_table),
           "alloc": ("alloc.json", alloc_table),
-          "zeroshot": ("zeroshot.json", zeroshot_table), "peers": ("peers.json", peers_table),
+          "zeroshot": ("zeroshot.json", zeroshot_table),
+          "zeroshot_quantized": ("zeroshot_quantized.json", zeroshot_quantized_table),
+          "peers": ("peers.json", peers_table),
           "speed": ("speed.json", speed_table), "speed_avx2": ("speed_avx2.json", speed_table),
           "plan_budget": ("plan_budget.json", plan_budget_table)}
 

@@ -182,7 +182,10 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, trust_remo
     if is_checkpoint(name_or_path):
         from .checkpoint import load_quantized
 
-        return load_quantized(name_or_path, trust_remote_code=trust_remote_code, verify=verify)
+        model, tokenizer = load_quantized(name_or_path, trust_remote_code=trust_remote_code, verify=verify)
+        if dtype != torch.float32:  # the QuantLinears keep their stored tensors and compute in the input's dtype
+            model.to(dtype)
+        return model, tokenizer
     source, kwargs = _source(name_or_path, trust_remote_code)
     refuse_incomplete_checkpoint(Path(source))
     try:

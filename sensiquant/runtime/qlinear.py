@@ -54,6 +54,20 @@ class QuantLinear(nn.Module):
         many windows in a row); releasing frees it."""
         self._holding, self._held = hold, None
 
+    def _apply(self, fn, recurse=True):
+        """Device moves (``.to(device)``, ``.cuda()``) move the stored tensors; dtype casts (``model.to(
+        torch.bfloat16)``, ``.half()``) leave them as stored: the scales, zeros and outliers are the format, and
+        rounding them to another float type would change the weights. The layer computes in its input's dtype;
+        the bias follows the cast."""
+        kept = {name: getattr(self, name) for name in self.tensor_names}
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            new = self._buffers[name]
+            if new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        self._held = None
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         w = self._held

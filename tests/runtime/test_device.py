@@ -50,3 +50,22 @@ def test_gwq_quantizes_on_the_device(tiny_llama, text_file, device, tune):
         ids = torch.arange(32)[None]
         out = model(ids.to(device)).logits.cpu()
         assert torch.allclose(out, cpu_model(ids).logits, atol=1e-2, rtol=1e-2)
+
+
+def test_a_dtype_cast_keeps_the_stored_format_exact(tiny_llama, text_file):
+    """``model.to(torch.bfloat16)`` (what ``eval --dtype bfloat16`` does) once rounded the fp16 scales and outliers
+    to bfloat16, a different model: the stored tensors keep their dtypes and the weights stay bit-equal."""
+    base = gwq()
+    config = base.replace(calib=base.calib.replace(source=str(text_file), samples=2, seqlen=64))
+    model, _, _ = api.quantize(str(tiny_llama), config, progress=False)
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    before = [(m.stored_tensors(), m.dequantize()) for m in layers]
+    assert any(t.dtype == torch.float16 for stored, _ in before for t in stored.values())
+    model.to(torch.bfloat16)
+    for m, (stored, weight) in zip(layers, before, strict=True):
+        assert {k: t.dtype for k, t in m.stored_tensors().items()} == {k: t.dtype for k, t in stored.items()}
+        assert torch.equal(m.dequantize(), weight)
+        assert m.bias is None or m.bias.dtype == torch.bfloat16
+    ids = torch.arange(32)[None]
+    out = model(ids).logits
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
