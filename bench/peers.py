@@ -25,7 +25,7 @@ from bench.common import RESULTS, peak_rss_mb, run_child, write_json
 from bench.peer_api import MODEL, Peer, PeerContext, PeerRun
 
 ADAPTERS = ("bench.peers_sensiquant", "bench.peers_hf", "bench.peers_llamacpp", "bench.peers_calib",
-            "bench.peers_llmcompressor")
+            "bench.peers_llmcompressor", "bench.peers_spqr_owq")
 DATASETS = ("wikitext2", "c4")
 
 
