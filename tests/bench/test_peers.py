@@ -12,7 +12,7 @@ def test_peer_harness_runs_end_to_end_on_a_tiny_model(tiny_llama, data_dir, tmp_
     cmd = [sys.executable, "-m", "bench.peers", "--model", str(tiny_llama), "--peers", "sensiquant",
            "--settings", "hqq-b4g64,gwq", "--max-windows", "1", "--seqlen", "64",
            "--calib-windows", "2", "--data-dir", str(data_dir), "--work-dir", str(tmp_path / "work"),
-           "--out", str(out)]
+           "--out", str(out), "--zeroshot-limit", "2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
                           env={**os.environ, "SENSIQUANT_DATA_DIR": str(data_dir)})
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -21,6 +21,8 @@ def test_peer_harness_runs_end_to_end_on_a_tiny_model(tiny_llama, data_dir, tmp_
     for row in rows:
         assert "error" not in row, row
         assert row["ppl_wikitext2"] > 1 and row["ppl_c4"] > 1 and row["quantized_params"] > 0
+        tasks = row["zeroshot"]["tasks"]
+        assert len(tasks) == 8 and all(len(t["per_example"]) == t["n"] <= 2 for t in tasks.values())
     bits = {r["setting"]: r["bits_per_param"] for r in rows}
     assert 3.3 < bits["gwq"] < bits["hqq-b4g64"]  # 3-bit g64 meta8 + 0.99% outliers vs 4-bit g64 fp16 meta
     assert (tmp_path / "peers-wikitext2.png").read_bytes()[:4] == b"\x89PNG"

@@ -50,3 +50,16 @@ def test_paired_change_against_the_base():
     # task a: differences 0,-1,+1,0 (mean 0, var 2/3); task b: 0,+1,0,0 (mean 1/4, var 1/4)
     se = ((2 / 3 / 4) + (1 / 4 / 4)) ** 0.5 / 2
     assert f"| q | 3.500 | - | - | 0.500 ± 0.290 | 0.500 ± 0.290 | 0.5000 | +12.50 ± {se * 100:.2f} pts |" in table
+
+
+def test_peer_rows_scored_with_zero_shot_join_the_table():
+    task = {"acc": 0.5, "acc_stderr": 0.29, "per_example": [1, 0, 1, 0]}
+    base = {"label": "base", "limit": 4, "tasks": {"a": task}}
+    peers = {"max_windows": 8, "rows": [
+        {"peer": "spqr", "setting": "w3g32", "bits_per_param": 3.61, "ppl_wikitext2": 30.0, "ppl_c4": 60.0,
+         "zeroshot": {"limit": 4, "tasks": {"a": {**task, "per_example": [1, 1, 1, 0], "acc": 0.75}}}},
+        {"peer": "llama.cpp", "setting": "Q4_K_M", "bits_per_param": 5.5, "ppl_wikitext2": 20.0, "ppl_c4": 38.0,
+         "zeroshot": {"limit": 4, "skipped": "no transformers model"}}]}
+    table = zeroshot_quantized_table({"runs": {"base": base}}, peers)
+    assert "| spqr w3g32 | 3.610 | 30.00 | 60.00 | 0.750 ± 0.290 | 0.7500 | +25.00 ± 25.00 pts |" in table
+    assert "llama.cpp" not in table
