@@ -23,6 +23,8 @@ ROWS = {  # name: spec ("plan": PlanConfig overrides of the --budget default; "r
     "plan 3.60 full error table": {"budget": 3.60, "plan": {"error_rows": None, "error_fit": "full"}},
     "plan 3.60 block outliers 0/1/2%": {"budget": 3.60, "plan": {"outlier_format": "block",
                                                                   "outlier_ratios": [0.0, 0.01, 0.02]}},
+    "plan 3.60 no 2-bit rungs": {"budget": 3.60, "plan": {"ladder": ["b3g128", "b3g64", "b3g32", "b4g128", "b4g64",
+                                                                     "b4g32", "b8g128", "b8g64", "b8g32"]}},
     "gwq 4 windows": {"recipe": "gwq", "calib": {"samples": 4}},
     "plan 3.26": {"budget": 3.2578, "plan": {}},
     "plan 3.26 full error table": {"budget": 3.2578, "plan": {"error_rows": None, "error_fit": "full"}},
