@@ -126,6 +126,7 @@ def zeroshot_quantized_table(data: dict, peers: dict | None = None) -> str:
     mean over tasks, and the mean's change against the base with the paired standard error (the same examples).
     ``peers``: a peers results file whose rows were scored with ``--zeroshot-limit`` (rows after sensiquant's)."""
     runs = list({**data["runs"], **peer_zeroshot_runs(peers or {})}.items())
+    runs.sort(key=lambda item: "bits_per_param" in item[1])  # the base (no bits/param) first, the rest in run order
     tasks = list(dict.fromkeys(t for _, run in runs for t in run["tasks"]))
     base = next((run for _, run in runs if "bits_per_param" not in run), None)
     limits = {run["limit"] for _, run in runs}
