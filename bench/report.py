@@ -106,10 +106,10 @@ def zeroshot_table(data: dict) -> str:
 
 def _paired(a: list[int], b: list[int]) -> tuple[float, float]:
     """Mean and standard error of the per-example difference a - b (the same examples, scored by two models)."""
+    from sensiquant.eval.zeroshot import mean_stderr
+
     d = [x - y for x, y in zip(a, b, strict=True)]
-    mean = sum(d) / len(d)
-    var = sum((x - mean) ** 2 for x in d) / max(len(d) - 1, 1)
-    return mean, (var / len(d)) ** 0.5
+    return sum(d) / len(d), mean_stderr(d)
 
 
 def peer_zeroshot_runs(peers: dict) -> dict[str, dict]:

@@ -8,7 +8,8 @@ results file is written after each task, so an interrupted run resumes with the 
                              [--tasks all] [--out bench/results/zeroshot.json]
 
 Quantized models and the base they are compared with go to ``bench/results/zeroshot_quantized.json`` with the same
-``--limit`` (the first N examples of every task), rendered as one row per model (``quantized_table``).
+``--limit`` (the first N examples of every task), rendered by ``bench.report.zeroshot_quantized_table``
+(one row per model).
 
 bfloat16 is the default compute dtype here (with the output projection kept in fp32): it runs the model 1.5x faster
 than fp32 on an AVX512-BF16 CPU and about 5x on one with AMX, and the full splits (5.2 M tokens one sequence per

@@ -281,7 +281,7 @@ def _score_packed(model, tokenizer, items, length: int, max_length: int):
     return keys, scores
 
 
-def _stderr(values: list[float]) -> float:
+def mean_stderr(values: list[float]) -> float:
     """lm-eval's mean_stderr: sample standard deviation (ddof 1) / sqrt(n); 0 for fewer than two values."""
     n = len(values)
     if n < 2:
@@ -307,9 +307,9 @@ def score_examples(task: str, examples: list[Example], lls: list[tuple[float, bo
             ll_norm = [v / max(len(c), 1) for v, c in zip(ll, ex.choices)]
             correct_norm.append(int(_argmax(ll_norm) == ex.gold))
     n = len(examples)
-    result = TaskResult(task, n, sum(correct) / n, _stderr(correct), n_requests=len(lls), per_example=correct)
+    result = TaskResult(task, n, sum(correct) / n, mean_stderr(correct), n_requests=len(lls), per_example=correct)
     if norm:
-        result.acc_norm, result.acc_norm_stderr = sum(correct_norm) / n, _stderr(correct_norm)
+        result.acc_norm, result.acc_norm_stderr = sum(correct_norm) / n, mean_stderr(correct_norm)
     if kind == "lambada":
         result.ppl = math.exp(-total_ll / n)
     return result

@@ -12,11 +12,11 @@ from sensiquant.errors import SensiquantError
 from sensiquant.eval.zeroshot import (
     DEFAULT_TASKS,
     Example,
-    _stderr,
     encode_pair,
     evaluate_zeroshot,
     load_task,
     loglikelihoods,
+    mean_stderr,
     resolve_tasks,
     run_lm_eval,
     score_examples,
@@ -90,8 +90,8 @@ def test_acc_norm_divides_by_choice_characters():
 
 
 def test_stderr_is_lm_evals():
-    assert _stderr([1, 0, 1, 1]) == pytest.approx(0.25)  # sample std 0.5 / sqrt(4)
-    assert _stderr([1]) == 0.0
+    assert mean_stderr([1, 0, 1, 1]) == pytest.approx(0.25)  # sample std 0.5 / sqrt(4)
+    assert mean_stderr([1]) == 0.0
 
 
 @pytest.mark.parametrize("task", ["arc_easy", "hellaswag", "winogrande"])
