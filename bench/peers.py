@@ -119,6 +119,8 @@ def main() -> None:
     ap.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
+    if args.zeroshot_limit < 0:
+        ap.error(f"--zeroshot-limit must be 0 (none) or a positive number, got {args.zeroshot_limit}")
     if args.child:
         print(json.dumps(run_one(*args.child, args)))
         return

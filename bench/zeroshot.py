@@ -46,6 +46,8 @@ def main() -> None:
                     help="also WikiText-2 and C4 perplexity on the first N windows of 2048 tokens, in float32")
     ap.add_argument("--out", default=str(RESULTS / "zeroshot.json"))
     args = ap.parse_args()
+    if args.ppl_windows < 0:
+        ap.error(f"--ppl-windows must be 0 (none) or a positive number, got {args.ppl_windows}")
 
     tasks = resolve_tasks(args.tasks)
     for name in tasks:
