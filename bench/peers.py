@@ -6,7 +6,8 @@ that calibrate, the same WikiText-2 validation windows. Bits/param count everyth
 linears (see ``peer_api.py``). Peers that cannot run here get a row saying why. Results go to
 ``bench/results/peers.json`` after every row (an interrupted run resumes); ``--plot`` draws the Pareto plot.
 ``--zeroshot-limit N`` also scores the first N examples of each zero-shot task on a peer's transformers model (in
-bfloat16 with a float32 head, as ``bench.zeroshot`` scores sensiquant's checkpoints and the base).
+bfloat16 with a float32 head, as ``bench.zeroshot`` scores sensiquant's checkpoints and the base); rows on record
+without those scores run again.
 
     python -m bench.peers [--peers sensiquant,hqq,llama.cpp,...] [--max-windows 8] [--calib-windows 16]
     python -m bench.peers --model tiny/dir --peers sensiquant --max-windows 1 --seqlen 64   # a smoke run
@@ -64,6 +65,13 @@ def build_context(model: str, max_windows: int, seqlen: int, calib_windows: int,
     source = Path(resolve_model(model)) if model != MODEL else smollm2_gguf_path()
     gguf = source if source is not None and source.suffix == ".gguf" else None
     return PeerContext(windows, calib, gguf, work_dir, threads=torch.get_num_threads(), model_name=model)
+
+
+def done_rows(rows: list[dict], zeroshot_limit: int) -> set[tuple[str, str]]:
+    """(peer, setting) pairs a run keeps: rows that did not fail and, when zero-shot is asked for, have its scores
+    at that limit (or the reason they cannot)."""
+    return {(r["peer"], r["setting"]) for r in rows if "error" not in r
+            and (not zeroshot_limit or r.get("zeroshot", {}).get("limit") == zeroshot_limit)}
 
 
 def run_one(peer_name: str, setting: str, args) -> dict:
@@ -134,7 +142,7 @@ def main() -> None:
     data = json.loads(path.read_text()) if path.is_file() and not args.no_resume else {}
     # failed rows stay on record until their setting runs again; unavailable lines are re-checked every run
     rows = [r for r in data.get("rows", []) if "unavailable" not in r]
-    done = {(r["peer"], r["setting"]) for r in rows if "error" not in r}
+    done = done_rows(rows, args.zeroshot_limit)
     header = {"model": args.model, "max_windows": args.max_windows, "seqlen": args.seqlen,
               "calib_windows": args.calib_windows, "torch": torch.__version__}
 

@@ -31,6 +31,17 @@ def test_peer_harness_runs_end_to_end_on_a_tiny_model(tiny_llama, data_dir, tmp_
     assert again.returncode == 0 and json.loads(out.read_text())["rows"] == rows
 
 
+def test_rows_without_the_asked_zero_shot_run_again():
+    from bench.peers import done_rows
+
+    rows = [{"peer": "a", "setting": "x"}, {"peer": "a", "setting": "y", "zeroshot": {"limit": 10, "tasks": {}}},
+            {"peer": "b", "setting": "z", "zeroshot": {"limit": 10, "skipped": "no transformers model"}},
+            {"peer": "b", "setting": "w", "error": "boom"}]
+    assert done_rows(rows, 0) == {("a", "x"), ("a", "y"), ("b", "z")}
+    assert done_rows(rows, 10) == {("a", "y"), ("b", "z")}
+    assert done_rows(rows, 20) == set()
+
+
 def test_pareto_front():
     from sensiquant.plots import pareto_front
 
