@@ -18,15 +18,17 @@ import time
 from bench.common import RESULTS, bench_parser, eval_args, peak_rss_mb, perplexities, run_all, run_child_if_asked
 
 ROWS = {  # name: spec ("plan": PlanConfig overrides of the --budget default; "recipe": a uniform recipe and its
-    # CalibConfig)
+    # CalibConfig). "with 2-bit rungs": the default before session 16 (min_rung_bits 0: every rung, always)
     "plan 3.60": {"budget": 3.60, "plan": {}},
+    "plan 3.60 with 2-bit rungs": {"budget": 3.60, "plan": {"min_rung_bits": 0}},
     "plan 3.60 full error table": {"budget": 3.60, "plan": {"error_rows": None, "error_fit": "full"}},
-    "plan 3.60 block outliers 0/1/2%": {"budget": 3.60, "plan": {"outlier_format": "block",
-                                                                  "outlier_ratios": [0.0, 0.01, 0.02]}},
-    "plan 3.60 no 2-bit rungs": {"budget": 3.60, "plan": {"ladder": ["b3g128", "b3g64", "b3g32", "b4g128", "b4g64",
-                                                                     "b4g32", "b8g128", "b8g64", "b8g32"]}},
+    "plan 3.60 full error table with 2-bit rungs": {"budget": 3.60, "plan": {"error_rows": None, "error_fit": "full",
+                                                                             "min_rung_bits": 0}},
+    "plan 3.60 block outliers 0/1/2% with 2-bit rungs": {"budget": 3.60, "plan": {
+        "outlier_format": "block", "outlier_ratios": [0.0, 0.01, 0.02], "min_rung_bits": 0}},
     "gwq 4 windows": {"recipe": "gwq", "calib": {"samples": 4}},
     "plan 3.26": {"budget": 3.2578, "plan": {}},
+    "plan 3.26 with 2-bit rungs": {"budget": 3.2578, "plan": {"min_rung_bits": 0}},
     "plan 3.26 full error table": {"budget": 3.2578, "plan": {"error_rows": None, "error_fit": "full"}},
     "gptq 4 windows": {"recipe": "gptq", "calib": {"samples": 4}},
 }

@@ -90,7 +90,8 @@ def plan_config(args, **overrides):
 
     defaults = PlanConfig()
     kwargs = {"budget": args.budget, "skip": tuple(split(args.skip))}
-    for name in ("method", "exact", "error_metric", "apply_method", "outlier_format", "error_fit", "stop", "threshold"):
+    for name in ("method", "exact", "error_metric", "apply_method", "outlier_format", "error_fit", "stop", "threshold",
+                 "min_rung_bits"):
         if getattr(args, name, None) is not None:
             kwargs[name] = getattr(args, name)
     if getattr(args, "outlier_ratios", None) is not None:
@@ -211,7 +212,9 @@ def cmd_quantize_planned(args) -> dict:
     if flags:
         raise SensiquantError(f"{flags[0]} does not apply with {'--plan' if args.plan else '--budget'}: the plan "
                               "chooses every layer's configuration")
-    plan = Plan.load(args.plan) if args.plan else plan_config(args, **BEST_METHOD)
+    # an explicit --ladder is used as given: its low rungs are not held back for budgets that need them
+    best = {**BEST_METHOD, "min_rung_bits": 0} if args.ladder else BEST_METHOD
+    plan = Plan.load(args.plan) if args.plan else plan_config(args, **best)
     texts = preflight(args)
     ppl: dict = {}
     model, tokenizer, report, plan = quantize_with_plan(args.model, plan, args.out, progress=not args.quiet,

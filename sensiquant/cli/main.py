@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ..methods import SALIENCIES, OutlierConfig, SignRoundConfig
     from ..methods.outliers import SCOPES
     from ..pipeline import DEFAULT_SKIP, GWQ_SPEC, PRESETS, RECIPES
-    from ..planning import ERROR_FITS, PLAN_METHODS, PlanConfig
+    from ..planning import BEST_METHOD, ERROR_FITS, PLAN_METHODS, PlanConfig
     from ..planning.plan import APPLY_METHODS
     from ..runtime.device import DEFAULT_DEVICE
 
@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--budget", type=float, default=None,
                    help="bits/param for all quantized linears: plan with the best method, then quantize")
     q.add_argument("--ladder", default=None,
-                   help="with --budget: the rungs the plan may use, as for `sensiquant plan` (gguf: every GGUF type)")
+                   help="with --budget: the rungs the plan may use, as for `sensiquant plan` (gguf: every GGUF type); "
+                        "default: the b* rungs, 2-bit ones only when 3-bit ones cannot meet the budget")
     g = q.add_argument_group("outliers and calibration")
     g.add_argument("--outlier-ratio", type=float, default=None,
                    help=f"share of weights kept as outliers (default: gwq {GWQ_SPEC.outlier_ratio}, else 0)")
@@ -168,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ladder", default=None,
                    help="comma-separated rungs, e.g. b2g64,b3g128,b4g64, GGUF types (Q4_K, ...) or gguf for all of "
                         "them, so that the plan exports to llama.cpp as it is (default: the b* rungs)")
+    p.add_argument("--min-rung-bits", type=_at_least(0), default=None,
+                   help="rungs of fewer bits only when the others cannot meet the budget; 0: every rung "
+                        f"(default {plan.min_rung_bits}; `quantize --budget` uses {BEST_METHOD['min_rung_bits']})")
     p.add_argument("--calib", default=None, help=f"calibration set or text file (default {calib.source})")
     p.add_argument("--calib-samples", type=POSITIVE, default=None,
                    help=f"sensitivity windows (default {plan.sensitivity_calib.samples})")

@@ -53,20 +53,24 @@ PLAN_METHODS = ("uniform", "mxq", "sensiboost", "kurtboost")
 ERROR_FITS = ("light", "full")
 # What `sensiquant quantize --budget` uses: the best of bench/alloc.py (BENCHMARKS.md, "Layer-sensitive bits"): it
 # beats uniform HQQ at every budget <= 3.51 bits/param on SmolLM2-135M, and applied with GPTQ it beats the same
-# plan applied by rounding at both budgets where both were measured (3.51 and 3.60 bits/param).
+# plan applied by rounding at both budgets where both were measured (3.51 and 3.60 bits/param). 2-bit rungs only
+# when 3-bit ones cannot meet the budget: with them the plans lost 7-19% PPL at 3.26 and 3.6 bits on both models
+# (BENCHMARKS.md, "Planning time and the `--budget` default").
 BEST_METHOD = {"method": "sensiboost", "exact": True, "error_metric": "fisher", "outlier_ratios": (0.0, 0.005, 0.01),
-               "apply_method": "gptq"}
+               "apply_method": "gptq", "min_rung_bits": 3}
 
 
 @dataclass(frozen=True)
 class PlanConfig(Config):
     """How to make a plan. Defaults follow the SensiBoost/KurtBoost paper where it is specific (README)."""
 
-    VERSION = 3
+    VERSION = 4
     method: str = "sensiboost"
     budget: float = 3.25  # bits per parameter over the quantized linears, everything counted
     exact: bool = False  # boost inside the budget (ours) instead of on top of it (paper)
     ladder: tuple[str, ...] = tuple(c.name for c in DEFAULT_LADDER)
+    # rungs of fewer bits enter the plan only when the budget cannot be met without them (0: every rung, always)
+    min_rung_bits: int = 0
     grid: str = "hqq"
     apply_method: str = "round"  # applying the plan: round on the grid, or "gptq" (error feedback, calibrated)
     error_metric: str = "frobenius"  # MXQ's ||W - Q||_F, or "fisher": gradient-weighted (needs a gradient pass)
@@ -121,6 +125,8 @@ class PlanConfig(Config):
             raise SensiquantError(f"error rows must be a positive integer or None (all rows), got {self.error_rows!r}")
         if self.error_fit not in ERROR_FITS:
             raise SensiquantError(f"error fit must be one of {', '.join(ERROR_FITS)}, got {self.error_fit!r}")
+        if isinstance(self.min_rung_bits, bool) or not isinstance(self.min_rung_bits, int) or self.min_rung_bits < 0:
+            raise SensiquantError(f"min rung bits must be an integer >= 0, got {self.min_rung_bits!r}")
         if self.stop < 0:
             raise SensiquantError(f"stop must be >= 0, got {self.stop}")
         if self.top_m is not None and self.top_m < 0:
@@ -145,6 +151,8 @@ class PlanConfig(Config):
         if version is None or version < 3:  # made before the error table sampled rows and fitted light
             data.setdefault("error_rows", None)
             data.setdefault("error_fit", "full")
+        if version is None or version < 4:  # made before rungs could be kept for budgets that need them
+            data.setdefault("min_rung_bits", 0)
         return data
 
 
@@ -225,10 +233,10 @@ def make_plan(model: nn.Module, tokenizer, config: PlanConfig, progress: bool = 
     check_finite(layers)
     run = _Run(model, tokenizer, layers, PlanCache() if cache is None else cache, Timer(), progress)
     names = list(layers)
-    ladder = config.ladder_configs()
+    n_params = sum(layer.weight.numel() for layer in layers.values())
+    ladder = _ladder_for_budget(layers, config, n_params)
     options = [(c, r) for c in ladder for r in sorted(set(config.outlier_ratios))
                if r == 0 or (c.bits <= 4 and c.gguf is None)]  # GGUF rungs keep no outliers
-    n_params = sum(layer.weight.numel() for layer in layers.values())
     costs = option_costs(layers, options, config.grid, config.outlier_format)
     problem = _Problem(names, layer_sites(names), ladder, options, costs, config.budget * n_params)
     cheapest = min_bits_for(problem.costs) / n_params
@@ -277,6 +285,16 @@ def make_plan(model: nn.Module, tokenizer, config: PlanConfig, progress: bool = 
         for i, name in enumerate(names)]
     plan.seconds = run.timer.seconds
     return plan
+
+
+def _ladder_for_budget(layers: dict[str, nn.Linear], config: PlanConfig, n_params: int) -> list[LadderConfig]:
+    """The rungs this plan may use: those below ``min_rung_bits`` only if the others cannot meet the budget."""
+    ladder = config.ladder_configs()
+    high = [c for c in ladder if c.bits >= config.min_rung_bits]
+    if not high or len(high) == len(ladder):
+        return ladder
+    costs = option_costs(layers, [(c, 0.0) for c in high], config.grid, config.outlier_format)
+    return high if min_bits_for(costs) <= config.budget * n_params else ladder
 
 
 def _gradients(run: _Run, config: PlanConfig) -> GradientStats | None:

@@ -278,3 +278,40 @@ def test_applying_a_plan_reuses_its_gradient_pass(tok, tiny_llama, text_file, mo
     ids = torch.randint(0, 256, (1, 16))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, again(ids).logits)
+
+
+def test_low_rungs_only_when_the_budget_needs_them(tok, tmp_path, tiny_llama):
+    model = _model(2)
+    roomy = make_plan(model, tok, _config("mxq", 3.5, min_rung_bits=3), progress=False)
+    assert all(LadderConfig.from_name(layer.config).bits >= 3 for layer in roomy.layers)
+    assert roomy.total_bits <= 3.5 * roomy.total_params
+    tight = make_plan(model, tok, _config("mxq", 2.9, min_rung_bits=3), progress=False)  # 3-bit rungs cannot meet it
+    assert tight.total_bits <= 2.9 * tight.total_params
+    assert any(LadderConfig.from_name(layer.config).bits == 2 for layer in tight.layers)
+    for bad in (-1, 2.5, True):
+        with pytest.raises(SensiquantError, match="min rung bits"):
+            PlanConfig(min_rung_bits=bad)
+    # plans made before version 4 used every rung
+    old = {k: v for k, v in PlanConfig(min_rung_bits=3).to_dict().items() if k != "min_rung_bits"}
+    assert PlanConfig.from_dict({**old, "version": 3}).min_rung_bits == 0
+    assert main(["plan", str(tiny_llama), "--budget", "3.4", "--method", "mxq", "--ladder", ",".join(LADDER),
+                 "--min-rung-bits", "3", "--out", str(tmp_path / "p.json"), "--quiet"]) == 0
+    plan = Plan.load(tmp_path / "p.json")
+    assert plan.settings["min_rung_bits"] == 3
+    assert all(LadderConfig.from_name(layer.config).bits >= 3 for layer in plan.layers)
+
+
+def test_quantize_budget_holds_back_2_bit_rungs_unless_the_ladder_is_given(monkeypatch, tiny_llama, tmp_path):
+    import sensiquant.api as api
+
+    seen = []
+
+    def fake(model, plan, out, **kw):  # the command's plan config is the point; stop before any work
+        seen.append(plan)
+        raise SensiquantError("stop")
+
+    monkeypatch.setattr(api, "quantize_with_plan", fake)
+    assert main(["quantize", str(tiny_llama), "--budget", "3.4", "--out", str(tmp_path / "a"), "--quiet"]) == 2
+    assert main(["quantize", str(tiny_llama), "--budget", "3.4", "--ladder", ",".join(LADDER),
+                 "--out", str(tmp_path / "b"), "--quiet"]) == 2
+    assert [config.min_rung_bits for config in seen] == [3, 0]
