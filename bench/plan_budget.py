@@ -5,8 +5,9 @@ uniform setting of its size).
     python -m bench.plan_budget [--model smollm2-135m] [--rows NAME,NAME] [--out bench/results/plan_budget.json]
 
 Each row runs in a fresh process, one at a time (the times are the point): a plan row loads the model, makes the
-plan (``PlanConfig`` = the ``--budget`` default with the row's overrides), applies it with GPTQ, reusing the plan's
-gradient pass as `quantize --budget` does, and scores WikiText-2 and C4; a ``recipe`` row quantizes a uniform
+plan (``PlanConfig`` = the ``--budget`` default with the row's overrides), applies it (with GPTQ unless the row
+says otherwise; block-tuned where it says so), reusing the plan's gradient pass as `quantize --budget` does, and
+scores WikiText-2 and C4; a ``recipe`` row quantizes a uniform
 recipe (GWQ, GPTQ) with the row's calibration windows. Rows already in the results file are kept (delete it to
 redo them).
 """
@@ -17,8 +18,9 @@ import time
 
 from bench.common import RESULTS, bench_parser, eval_args, peak_rss_mb, perplexities, run_all, run_child_if_asked
 
-ROWS = {  # name: spec ("plan": PlanConfig overrides of the --budget default; "recipe": a uniform recipe and its
-    # CalibConfig). "with 2-bit rungs": the default before session 16 (min_rung_bits 0: every rung, always)
+ROWS = {  # name: spec ("plan": PlanConfig overrides of the --budget default, "tune": SignRoundConfig fields of the
+    # block tuning it is applied with; "recipe": a uniform recipe and its CalibConfig). "with 2-bit rungs": the
+    # default before session 16 (min_rung_bits 0: every rung, always)
     "plan 3.60": {"budget": 3.60, "plan": {}},
     "plan 3.60 with 2-bit rungs": {"budget": 3.60, "plan": {"min_rung_bits": 0}},
     "plan 3.60 full error table": {"budget": 3.60, "plan": {"error_rows": None, "error_fit": "full"}},
@@ -31,6 +33,12 @@ ROWS = {  # name: spec ("plan": PlanConfig overrides of the --budget default; "r
     "plan 3.26 with 2-bit rungs": {"budget": 3.2578, "plan": {"min_rung_bits": 0}},
     "plan 3.26 full error table": {"budget": 3.2578, "plan": {"error_rows": None, "error_fit": "full"}},
     "gptq 4 windows": {"recipe": "gptq", "calib": {"samples": 4}},
+    # errors scored as AutoRound's AutoScheme scores them, sum |g| |W - Q(W)|, instead of Fisher-weighted
+    "plan 3.60 abs_grad": {"budget": 3.60, "plan": {"error_metric": "abs_grad"}},
+    "plan 3.26 abs_grad": {"budget": 3.2578, "plan": {"error_metric": "abs_grad"}},
+    # applied on the HQQ grid and block-tuned as --preset best is (SignRound bf16; its 16 windows for everything)
+    "plan 3.60 tuned n16": {"budget": 3.60, "plan": {"apply_method": "round", "gradient_calib": {"samples": 16}},
+                            "tune": {"compute_dtype": "bfloat16"}},
 }
 
 
@@ -38,6 +46,7 @@ def run_one(spec: dict, max_windows: int, seqlen: int) -> dict:
     """One row in this process: plan + apply (or uniform GWQ), perplexities, times, peak RSS."""
     from sensiquant import CalibConfig, quantize_model, recipe
     from sensiquant.io import load_model
+    from sensiquant.methods import SignRoundConfig
     from sensiquant.planning import BEST_METHOD, PlanCache, PlanConfig, apply_plan, make_plan
 
     start = time.perf_counter()
@@ -57,7 +66,8 @@ def run_one(spec: dict, max_windows: int, seqlen: int) -> dict:
         result["plan_stage_seconds"] = plan.seconds
         result["plan_layers"] = {layer.name: [layer.config, layer.outlier_ratio] for layer in plan.layers}
         t = time.perf_counter()
-        report, _ = apply_plan(model, tok, plan, progress=False, cache=cache)
+        tuning = SignRoundConfig(**spec["tune"]) if "tune" in spec else None
+        report, _ = apply_plan(model, tok, plan, progress=False, cache=cache, tuning=tuning)
         result["quantize_seconds"] = time.perf_counter() - t
     result["bits_per_param"] = report.bits_per_param
     result["n_outliers"] = report.n_outliers

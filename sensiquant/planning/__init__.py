@@ -15,6 +15,7 @@ from .plan import Plan, PlanLayer
 from .planner import (
     BEST_METHOD,
     ERROR_FITS,
+    ERROR_METRICS,
     PLAN_METHODS,
     PlanCache,
     PlanConfig,
@@ -23,8 +24,8 @@ from .planner import (
     plan_quant_config,
 )
 
-__all__ = ["BEST_METHOD", "CHANGE_MODES", "DEFAULT_LADDER", "ERROR_FITS", "META_GROUP_SIZE", "PLAN_METHODS",
-           "LadderConfig", "Plan", "PlanCache", "PlanConfig", "PlanLayer", "adjacent_changes", "allocation_cost",
-           "allocation_error", "apply_plan", "change_zscores", "detect_outlier_layers", "make_ladder", "make_plan",
-           "min_bits_for", "pearson_kurtosis", "plan_quant_config", "solve_allocation", "sort_ladder", "step_up",
-           "trimmed_zscores"]
+__all__ = ["BEST_METHOD", "CHANGE_MODES", "DEFAULT_LADDER", "ERROR_FITS", "ERROR_METRICS", "META_GROUP_SIZE",
+           "PLAN_METHODS", "LadderConfig", "Plan", "PlanCache", "PlanConfig", "PlanLayer", "adjacent_changes",
+           "allocation_cost", "allocation_error", "apply_plan", "change_zscores", "detect_outlier_layers",
+           "make_ladder", "make_plan", "min_bits_for", "pearson_kurtosis", "plan_quant_config", "solve_allocation",
+           "sort_ladder", "step_up", "trimmed_zscores"]

@@ -51,6 +51,10 @@ from .scoring import (
 
 PLAN_METHODS = ("uniform", "mxq", "sensiboost", "kurtboost")
 ERROR_FITS = ("light", "full")
+# MXQ's ||W - Q||_F; "fisher": sqrt(sum g^2 (W - Q)^2), gradient-weighted; "abs_grad": sum |g| |W - Q|, the weight
+# score of AutoRound's AutoScheme (here with the full-precision model's gradients). Both need a gradient pass.
+ERROR_METRICS = ("frobenius", "fisher", "abs_grad")
+_GRADIENT_METRICS = ("fisher", "abs_grad")
 # What `sensiquant quantize --budget` uses: the best of bench/alloc.py (BENCHMARKS.md, "Layer-sensitive bits"): it
 # beats uniform HQQ at every budget <= 3.51 bits/param on SmolLM2-135M, and applied with GPTQ it beats the same
 # plan applied by rounding at both budgets where both were measured (3.51 and 3.60 bits/param). 2-bit rungs only
@@ -73,7 +77,7 @@ class PlanConfig(Config):
     min_rung_bits: int = 0
     grid: str = "hqq"
     apply_method: str = "round"  # applying the plan: round on the grid, or "gptq" (error feedback, calibrated)
-    error_metric: str = "frobenius"  # MXQ's ||W - Q||_F, or "fisher": gradient-weighted (needs a gradient pass)
+    error_metric: str = "frobenius"  # one of ERROR_METRICS
     outlier_ratios: tuple[float, ...] = (0.0,)  # GWQ outlier shares a matrix may take
     outlier_saliency: str = "grad"
     outlier_format: str = "csr"  # FP16 CSR (34 bits per outlier) or int8 block residuals (~18-22 bits)
@@ -108,8 +112,8 @@ class PlanConfig(Config):
         if self.grid not in ("hqq", "rtn") or self.apply_method not in APPLY_METHODS:
             raise SensiquantError(f"grid must be hqq or rtn and apply method one of {', '.join(APPLY_METHODS)}, "
                                   f"got {self.grid!r}, {self.apply_method!r}")
-        if self.error_metric not in ("frobenius", "fisher"):
-            raise SensiquantError(f"error metric must be 'frobenius' or 'fisher', got {self.error_metric!r}")
+        if self.error_metric not in ERROR_METRICS:
+            raise SensiquantError(f"error metric must be one of {', '.join(ERROR_METRICS)}, got {self.error_metric!r}")
         if not self.outlier_ratios or any(not 0 <= r < 0.5 for r in self.outlier_ratios):
             raise SensiquantError(f"outlier ratios must be in [0, 0.5), got {list(self.outlier_ratios)}")
         if any(r > 0 for r in self.outlier_ratios) and not self.exact:
@@ -299,7 +303,7 @@ def _ladder_for_budget(layers: dict[str, nn.Linear], config: PlanConfig, n_param
 
 def _gradients(run: _Run, config: PlanConfig) -> GradientStats | None:
     """The gradient statistics the metric or the outliers need (from the cache when another plan made them)."""
-    if config.error_metric != "fisher" and not any(r > 0 for r in config.outlier_ratios):
+    if config.error_metric not in _GRADIENT_METRICS and not any(r > 0 for r in config.outlier_ratios):
         return None
     calib = config.gradient_calib
     if calib not in run.cache.gradients:
@@ -325,9 +329,10 @@ def _error_table(run: _Run, problem: _Problem, config: PlanConfig, gradients: Gr
 
     def key(option, metric):
         rung, ratio = option
+        gradient_windows = grads if metric in _GRADIENT_METRICS or ratio else None
         return _ErrorKey(config.grid, metric, rung.name, ratio, config.outlier_saliency if ratio else None,
-                         config.outlier_format if ratio else None, grads if metric == "fisher" or ratio else None,
-                         config.error_rows, config.error_fit)
+                         config.outlier_format if ratio else None, gradient_windows, config.error_rows,
+                         config.error_fit)
 
     missing = [o for o in problem.options if key(o, config.error_metric) not in run.cache.errors]
     if missing:
@@ -335,7 +340,8 @@ def _error_table(run: _Run, problem: _Problem, config: PlanConfig, gradients: Gr
             tables = option_errors(run.layers, missing, config.grid, saliency,
                                    None if gradients is None else gradients.sq_sum, run.progress,
                                    config.outlier_format, config.error_rows, config.gradient_calib.seed,
-                                   LIGHT_FIT if config.error_fit == "light" else None)
+                                   LIGHT_FIT if config.error_fit == "light" else None,
+                                   None if gradients is None else gradients.abs_sum)
         for metric, table in tables.items():
             for j, option in enumerate(missing):
                 run.cache.errors[key(option, metric)] = table[:, j]

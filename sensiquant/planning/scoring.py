@@ -98,17 +98,21 @@ def option_errors(layers: dict[str, nn.Linear], options: Sequence[tuple[LadderCo
                   saliency: dict[str, torch.Tensor] | None = None,
                   weight_importance: dict[str, torch.Tensor] | None = None, progress: bool = True,
                   outlier_format: str = "csr", rows: int | None = None, seed: int = 0,
-                  hqq: HQQParams | None = None) -> dict[str, np.ndarray]:
+                  hqq: HQQParams | None = None, grad_abs: dict[str, torch.Tensor] | None = None
+                  ) -> dict[str, np.ndarray]:
     """Reconstruction error of every (layer, option): quantize the weight with that option and measure.
 
     Returns {"frobenius": ||W - Q(W)||_F (MXQ)} and, when ``weight_importance`` (per-weight squared-gradient sums)
     is given, also {"fisher": sqrt(sum F * (W - Q(W))^2)}, an estimate of the loss increase that sees which weights
-    matter. Options with outliers keep the top-``ratio`` weights of the whole matrix by ``saliency``, stored in
-    ``outlier_format``. With ``rows``, each matrix is measured on that many of its output rows (the same seeded
-    sample for all its options, see :func:`sample_rows`) and the squared error scaled up to the whole matrix.
-    ``hqq`` replaces the HQQ solver settings of every option (e.g. :data:`LIGHT_FIT`, for a cheaper estimate).
+    matter; when ``grad_abs`` (per-weight sums of |g|) is given, {"abs_grad": sum |g| * |W - Q(W)|}, the
+    first-order weight score of AutoRound's AutoScheme. Options with outliers keep the top-``ratio`` weights of the
+    whole matrix by ``saliency``, stored in ``outlier_format``. With ``rows``, each matrix is measured on that many
+    of its output rows (the same seeded sample for all its options, see :func:`sample_rows`) and the error scaled
+    up to the whole matrix. ``hqq`` replaces the HQQ solver settings of every option (e.g. :data:`LIGHT_FIT`, for a
+    cheaper estimate).
     """
-    metrics = ["frobenius"] + (["fisher"] if weight_importance is not None else [])
+    metrics = (["frobenius"] + (["fisher"] if weight_importance is not None else [])
+               + (["abs_grad"] if grad_abs is not None else []))
     errors = {m: np.zeros((len(layers), len(options))) for m in metrics}
     ratios = sorted({r for _, r in options if r > 0})
     items = list(layers.items())
@@ -118,15 +122,20 @@ def option_errors(layers: dict[str, nn.Linear], options: Sequence[tuple[LadderCo
         scale = 1.0 if pick is None else w.shape[0] / len(pick)
         masks = {r: top_mask(saliency[name], r) for r in ratios}
         importance = None if weight_importance is None else weight_importance[name].float()
+        g_abs = None if grad_abs is None else grad_abs[name].float()
         if pick is not None:
             w = w[pick]
             masks = {r: m[pick] for r, m in masks.items()}
             importance = None if importance is None else importance[pick]
+            g_abs = None if g_abs is None else g_abs[pick]
         for j, (config, ratio) in enumerate(options):
             spec = config.spec(grid, ratio, outlier_format).fitted(w.shape[1])
             if hqq is not None:
                 spec = spec.replace(hqq=hqq)
-            diff = (w - quantize_weight(w, spec, masks.get(ratio)).dequantize()).square_()
+            diff = w - quantize_weight(w, spec, masks.get(ratio)).dequantize()
+            if g_abs is not None:
+                errors["abs_grad"][i, j] = float((diff.abs() * g_abs).sum()) * scale
+            diff.square_()
             errors["frobenius"][i, j] = float(diff.sum().mul_(scale).sqrt())
             if importance is not None:
                 errors["fisher"][i, j] = float(diff.mul_(importance).sum().mul_(scale).sqrt())

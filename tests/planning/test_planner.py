@@ -215,15 +215,37 @@ def test_row_sampled_error_table_estimates_the_whole_matrix():
     importance = {n: torch.rand(512, 256) for n in layers}
     saliency = {n: torch.rand(512, 256) for n in layers}
     options = [(LadderConfig.from_name(n), r) for n in ("b2g64", "b3g64", "b4g64") for r in (0.0, 0.01)]
-    full = option_errors(layers, options, "hqq", saliency, importance, progress=False)
-    same = option_errors(layers, options, "hqq", saliency, importance, progress=False, rows=512)
-    sampled = option_errors(layers, options, "hqq", saliency, importance, progress=False, rows=128)
-    for metric in ("frobenius", "fisher"):
+    grad_abs = {n: torch.rand(512, 256) for n in layers}
+    full = option_errors(layers, options, "hqq", saliency, importance, progress=False, grad_abs=grad_abs)
+    same = option_errors(layers, options, "hqq", saliency, importance, progress=False, rows=512, grad_abs=grad_abs)
+    sampled = option_errors(layers, options, "hqq", saliency, importance, progress=False, rows=128,
+                            grad_abs=grad_abs)
+    for metric in ("frobenius", "fisher", "abs_grad"):
         assert np.array_equal(full[metric], same[metric])
         assert not np.array_equal(full[metric], sampled[metric])
         assert np.allclose(sampled[metric], full[metric], rtol=0.05)
         # the ranking of the options of one layer is what the allocation reads: kept here
         assert (np.argsort(sampled[metric], axis=1) == np.argsort(full[metric], axis=1)).all()
+
+
+def test_abs_grad_metric_is_autoschemes_weight_score(tok):
+    """sum |g| * |W - Q(W)| on a bare matrix, and a plan scored by it meets its budget."""
+    from sensiquant.methods.round import quantize_weight
+    from sensiquant.planning.scoring import option_errors
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(128, 64, bias=False)
+    g_abs = torch.rand(64, 128)
+    config = LadderConfig.from_name("b3g64")
+    table = option_errors({"l": layer}, [(config, 0.0)], "hqq", progress=False, grad_abs={"l": g_abs})
+    w = layer.weight.detach()
+    q = quantize_weight(w, config.spec("hqq").fitted(128)).dequantize()
+    assert table["abs_grad"][0, 0] == pytest.approx(float(((w - q).abs() * g_abs).sum()), rel=1e-5)
+    plan = make_plan(_model(2), tok, _config("mxq", 3.5, error_metric="abs_grad"), progress=False)
+    assert plan.total_bits <= 3.5 * plan.total_params
+    assert all("error_abs_grad" in layer.scores for layer in plan.layers)
+    with pytest.raises(SensiquantError, match="error metric"):
+        PlanConfig(error_metric="l1")
 
 
 def test_error_rows_plan_and_cli(tok, tmp_path, tiny_llama):
