@@ -200,26 +200,36 @@ def cmd_quantize(args) -> dict:
 
 def cmd_quantize_planned(args) -> dict:
     from ..api import model_size_bytes, quantize_with_plan
+    from ..pipeline import preset
     from ..planning import BEST_METHOD, Plan
 
     if args.plan and args.budget is not None:
         raise SensiquantError("give either --plan or --budget, not both")
+    if args.preset is not None and (args.plan or args.preset != "best"):
+        raise SensiquantError(f"--preset {args.preset} does not apply with {'--plan' if args.plan else '--budget'} "
+                              "(--budget takes --preset best: the plan block-tuned)")
     if args.stream:
         raise SensiquantError("--stream does not apply plans yet: run --plan/--budget without it")
     if args.plan and args.ladder:
         raise SensiquantError("--ladder applies only with --budget (a plan file has its rungs)")
-    flags = _given(args, _METHOD_FLAGS) + (_given(args, {**_CALIB_FLAGS, "--seed": "seed"}) if args.plan else [])
+    flags = [f for f in _given(args, _METHOD_FLAGS) if f != "--preset"]
+    flags += _given(args, {**_CALIB_FLAGS, "--seed": "seed"}) if args.plan else []
     if flags:
         raise SensiquantError(f"{flags[0]} does not apply with {'--plan' if args.plan else '--budget'}: the plan "
                               "chooses every layer's configuration")
     # an explicit --ladder is used as given: its low rungs are not held back for budgets that need them
     best = {**BEST_METHOD, "min_rung_bits": 0} if args.ladder else BEST_METHOD
     plan = Plan.load(args.plan) if args.plan else plan_config(args, **best)
+    base = preset("best") if args.preset == "best" else None
+    if base is not None:  # applied on the HQQ grid and block-tuned, on the preset's calibration windows
+        windows = plan.gradient_calib.replace(samples=base.calib.samples)
+        plan = plan.replace(apply_method="round", gradient_calib=windows)
+    tuning = tuning_config(args, None if base is None else base.tuning)
     texts = preflight(args)
     ppl: dict = {}
     model, tokenizer, report, plan = quantize_with_plan(args.model, plan, args.out, progress=not args.quiet,
                                                         trust_remote_code=args.trust_remote_code,
-                                                        overwrite=args.overwrite, tuning=tuning_config(args),
+                                                        overwrite=args.overwrite, tuning=tuning,
                                                         evaluate=_measure(texts, args, ppl), resume=args.resume,
                                                         device=args.device)
     return {"model": args.model, **report.summary(), "model_bytes": model_size_bytes(model), "out": args.out,

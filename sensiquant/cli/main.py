@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "gptaq = gptq matched to the full-precision outputs; gwq = gptq + gradient-ranked outliers")
     q.add_argument("--preset", choices=PRESETS, default=None,
                    help="whole jobs at gwq's size with block outliers: fast (gptq, 2 calibration windows) or best "
-                        "(block-tuned HQQ grid, 16 windows); other flags change them")
+                        "(block-tuned HQQ grid, 16 windows); other flags change them. With --budget, best applies "
+                        "the plan on the HQQ grid and block-tunes it, 16 windows")
     q.add_argument("--bits", type=int, default=None, help="code width 2, 3, 4 or 8 (default: rtn/hqq 4, else 3)")
     q.add_argument("--group-size", type=int, default=None, help="columns per group; -1 for per-channel (default 64)")
     q.add_argument("--quant-meta", action=argparse.BooleanOptionalAction, default=None,

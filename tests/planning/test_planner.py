@@ -337,3 +337,29 @@ def test_quantize_budget_holds_back_2_bit_rungs_unless_the_ladder_is_given(monke
     assert main(["quantize", str(tiny_llama), "--budget", "3.4", "--ladder", ",".join(LADDER),
                  "--out", str(tmp_path / "b"), "--quiet"]) == 2
     assert [config.min_rung_bits for config in seen] == [3, 0]
+
+
+def test_quantize_budget_with_preset_best_tunes_the_plan_from_the_grid(monkeypatch, tiny_llama, tmp_path):
+    import sensiquant.api as api
+    from sensiquant.pipeline import preset
+
+    seen = []
+
+    def fake(model, plan, out, tuning=None, **kw):  # the job's settings are the point; stop before any work
+        seen.append((plan, tuning))
+        raise SensiquantError("stop")
+
+    monkeypatch.setattr(api, "quantize_with_plan", fake)
+    assert main(["quantize", str(tiny_llama), "--budget", "3.4", "--preset", "best", "--out", str(tmp_path / "a"),
+                 "--quiet"]) == 2
+    plan, tuning = seen[0]
+    assert plan.apply_method == "round" and plan.gradient_calib.samples == preset("best").calib.samples
+    assert tuning == preset("best").tuning and plan.min_rung_bits == 3
+    assert main(["quantize", str(tiny_llama), "--budget", "3.4", "--preset", "best", "--tune-iters", "7",
+                 "--out", str(tmp_path / "b"), "--quiet"]) == 2
+    assert seen[1][1].iters == 7
+    assert main(["quantize", str(tiny_llama), "--budget", "3.4", "--out", str(tmp_path / "c"), "--quiet"]) == 2
+    assert seen[2][0].apply_method == "gptq" and seen[2][1] is None
+    for bad in (["--budget", "3.4", "--preset", "fast"], ["--plan", str(tmp_path / "p.json"), "--preset", "best"]):
+        assert main(["quantize", str(tiny_llama), *bad, "--out", str(tmp_path / "d"), "--quiet"]) == 2
+    assert len(seen) == 3
