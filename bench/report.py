@@ -41,7 +41,8 @@ def parity_table(data: dict) -> str:
 
 
 def gwq_table(data: dict) -> str:
-    lines = [f"SmolLM2-135M, seqlen {data['seqlen']}, first {data['max_windows']} windows of WikiText-2 test "
+    model = {"smollm2-135m": "SmolLM2-135M"}.get(data.get("model", "smollm2-135m"), data.get("model"))
+    lines = [f"{model}, seqlen {data['seqlen']}, first {data['max_windows']} windows of WikiText-2 test "
              "and of C4.",
              "", "| configuration | bits/param | WikiText-2 PPL | C4 PPL | gradient s | Hessian s | quantize s "
              "| peak RSS MiB |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -59,7 +60,8 @@ def alloc_table(data: dict) -> str:
     """Per budget: every method's exact bits/param, PPL, and change against uniform HQQ at the same budget."""
     rows = [r for r in data["rows"] if "error" not in r]
     uniform = {r["spec"]["rung"]: r for r in rows if r["spec"]["variant"] == "uniform"}
-    lines = [f"SmolLM2-135M, seqlen {data['seqlen']}, first {data['max_windows']} windows of WikiText-2 test and "
+    model = {"smollm2-135m": "SmolLM2-135M"}.get(data.get("model", "smollm2-135m"), data.get("model"))
+    lines = [f"{model}, seqlen {data['seqlen']}, first {data['max_windows']} windows of WikiText-2 test and "
              "of C4. Budget = exact bits/param of uniform HQQ at that rung (8-bit scales/zeros).", "",
              "| budget (rung) | method | bits/param | vs budget | WikiText-2 | vs uniform | C4 | vs uniform "
              "| flagged | quantize s |", "|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]
@@ -254,7 +256,7 @@ def plan_budget_table(data: dict) -> str:
 
 TABLES = {"foundation": ("foundation.json", foundation_table), "hqq_parity": ("hqq_parity.json", parity_table),
           "gwq": ("gwq.json", gwq_table), "accuracy": ("accuracy.json", accuracy_table),
-          "alloc": ("alloc.json", alloc_table),
+          "alloc": ("alloc.json", alloc_table), "alloc_qwen": ("alloc_qwen2.5-coder-0.5b.json", alloc_table),
           "zeroshot": ("zeroshot.json", zeroshot_table),
           "zeroshot_quantized": ("zeroshot_quantized.json", lambda data: zeroshot_quantized_table(
               data, json.loads((HERE / "results" / "peers.json").read_text()))),
