@@ -58,8 +58,8 @@ _GRADIENT_METRICS = ("fisher", "abs_grad")
 # What `sensiquant quantize --budget` uses: the best of bench/alloc.py (BENCHMARKS.md, "Layer-sensitive bits"): it
 # beats uniform HQQ at every budget <= 3.51 bits/param on SmolLM2-135M, and applied with GPTQ it beats the same
 # plan applied by rounding at both budgets where both were measured (3.51 and 3.60 bits/param). 2-bit rungs only
-# when 3-bit ones cannot meet the budget: with them the plans lost 7-19% PPL at 3.26 and 3.6 bits on both models
-# (BENCHMARKS.md, "Planning time and the `--budget` default").
+# when 3-bit ones cannot meet the budget: with them the plans lost at 3.26 and 3.60 bits on both models, by up to
+# 19% PPL (BENCHMARKS.md, "Planning time and the `--budget` default").
 BEST_METHOD = {"method": "sensiboost", "exact": True, "error_metric": "fisher", "outlier_ratios": (0.0, 0.005, 0.01),
                "apply_method": "gptq", "min_rung_bits": 3}
 
