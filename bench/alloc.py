@@ -113,7 +113,7 @@ def run_one(spec: dict, max_windows: int, seqlen: int) -> dict:
     from sensiquant.planning import Plan, apply_plan
 
     torch.manual_seed(0)
-    model, tok = load_model(spec.get("model", "smollm2-135m"))
+    model, tok = load_model(spec.get("model", DEFAULT_MODEL))
     plan = Plan.load(spec["plan"])
     method = {"gptq": GPTQConfig(), "hqq": RoundConfig(), None: None}[spec.get("backend")]
     report, _ = apply_plan(model, tok, plan, method, progress=False)

@@ -18,8 +18,8 @@ import time
 
 from bench.common import RESULTS, bench_parser, eval_args, peak_rss_mb, perplexities, run_all, run_child_if_asked
 
-ROWS = {  # name: spec ("plan": PlanConfig overrides of the --budget default, "tune": SignRoundConfig fields of the
-    # block tuning it is applied with; "recipe": a uniform recipe and its CalibConfig). "with 2-bit rungs": the
+ROWS = {  # name: spec ("plan": PlanConfig overrides of the --budget default, "preset": "best" to tune it as
+    # `--budget --preset best` does; "recipe": a uniform recipe and its CalibConfig). "with 2-bit rungs": the
     # default before session 16 (min_rung_bits 0: every rung, always)
     "plan 3.60": {"budget": 3.60, "plan": {}},
     "plan 3.60 with 2-bit rungs": {"budget": 3.60, "plan": {"min_rung_bits": 0}},
@@ -36,9 +36,9 @@ ROWS = {  # name: spec ("plan": PlanConfig overrides of the --budget default, "t
     # errors scored as AutoRound's AutoScheme scores them, sum |g| |W - Q(W)|, instead of Fisher-weighted
     "plan 3.60 abs_grad": {"budget": 3.60, "plan": {"error_metric": "abs_grad"}},
     "plan 3.26 abs_grad": {"budget": 3.2578, "plan": {"error_metric": "abs_grad"}},
-    # applied on the HQQ grid and block-tuned as --preset best is (SignRound bf16; its 16 windows for everything)
-    "plan 3.60 tuned n16": {"budget": 3.60, "plan": {"apply_method": "round", "gradient_calib": {"samples": 16}},
-                            "tune": {"compute_dtype": "bfloat16"}},
+    # `quantize --budget 3.6 --preset best` (planning.best_tuned: the HQQ grid, block-tuned, 16 windows); the row on
+    # record ran it spelled out (apply_method round, 16 gradient windows, SignRound bf16): the same settings
+    "plan 3.60 tuned n16": {"budget": 3.60, "plan": {}, "preset": "best"},
 }
 
 
@@ -46,8 +46,7 @@ def run_one(spec: dict, max_windows: int, seqlen: int) -> dict:
     """One row in this process: plan + apply (or uniform GWQ), perplexities, times, peak RSS."""
     from sensiquant import CalibConfig, quantize_model, recipe
     from sensiquant.io import load_model
-    from sensiquant.methods import SignRoundConfig
-    from sensiquant.planning import BEST_METHOD, PlanCache, PlanConfig, apply_plan, make_plan
+    from sensiquant.planning import BEST_METHOD, PlanCache, PlanConfig, apply_plan, best_tuned, make_plan
 
     start = time.perf_counter()
     model, tok = load_model(spec["model"])
@@ -59,6 +58,9 @@ def run_one(spec: dict, max_windows: int, seqlen: int) -> dict:
         result["quantize_seconds"] = time.perf_counter() - t
     else:
         plan_config = PlanConfig(**{**BEST_METHOD, "budget": spec["budget"], **spec["plan"]})
+        tuning = None
+        if spec.get("preset") == "best":
+            plan_config, tuning = best_tuned(plan_config)
         cache = PlanCache()
         t = time.perf_counter()
         plan = make_plan(model, tok, plan_config, progress=False, model_name=spec["model"], cache=cache)
@@ -66,7 +68,6 @@ def run_one(spec: dict, max_windows: int, seqlen: int) -> dict:
         result["plan_stage_seconds"] = plan.seconds
         result["plan_layers"] = {layer.name: [layer.config, layer.outlier_ratio] for layer in plan.layers}
         t = time.perf_counter()
-        tuning = SignRoundConfig(**spec["tune"]) if "tune" in spec else None
         report, _ = apply_plan(model, tok, plan, progress=False, cache=cache, tuning=tuning)
         result["quantize_seconds"] = time.perf_counter() - t
     result["bits_per_param"] = report.bits_per_param

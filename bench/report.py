@@ -40,8 +40,14 @@ def parity_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def _model_title(data: dict) -> str:
+    """The model a results file is about, as the tables name it (SmolLM2-135M when the file predates the field)."""
+    model = data.get("model", "smollm2-135m")
+    return {"smollm2-135m": "SmolLM2-135M"}.get(model, model)
+
+
 def gwq_table(data: dict) -> str:
-    model = {"smollm2-135m": "SmolLM2-135M"}.get(data.get("model", "smollm2-135m"), data.get("model"))
+    model = _model_title(data)
     lines = [f"{model}, seqlen {data['seqlen']}, first {data['max_windows']} windows of WikiText-2 test "
              "and of C4.",
              "", "| configuration | bits/param | WikiText-2 PPL | C4 PPL | gradient s | Hessian s | quantize s "
@@ -60,7 +66,7 @@ def alloc_table(data: dict) -> str:
     """Per budget: every method's exact bits/param, PPL, and change against uniform HQQ at the same budget."""
     rows = [r for r in data["rows"] if "error" not in r]
     uniform = {r["spec"]["rung"]: r for r in rows if r["spec"]["variant"] == "uniform"}
-    model = {"smollm2-135m": "SmolLM2-135M"}.get(data.get("model", "smollm2-135m"), data.get("model"))
+    model = _model_title(data)
     lines = [f"{model}, seqlen {data['seqlen']}, first {data['max_windows']} windows of WikiText-2 test and "
              "of C4. Budget = exact bits/param of uniform HQQ at that rung (8-bit scales/zeros).", "",
              "| budget (rung) | method | bits/param | vs budget | WikiText-2 | vs uniform | C4 | vs uniform "

@@ -200,8 +200,7 @@ def cmd_quantize(args) -> dict:
 
 def cmd_quantize_planned(args) -> dict:
     from ..api import model_size_bytes, quantize_with_plan
-    from ..pipeline import preset
-    from ..planning import BEST_METHOD, Plan
+    from ..planning import BEST_METHOD, Plan, best_tuned
 
     if args.plan and args.budget is not None:
         raise SensiquantError("give either --plan or --budget, not both")
@@ -220,11 +219,10 @@ def cmd_quantize_planned(args) -> dict:
     # an explicit --ladder is used as given: its low rungs are not held back for budgets that need them
     best = {**BEST_METHOD, "min_rung_bits": 0} if args.ladder else BEST_METHOD
     plan = Plan.load(args.plan) if args.plan else plan_config(args, **best)
-    base = preset("best") if args.preset == "best" else None
-    if base is not None:  # applied on the HQQ grid and block-tuned, on the preset's calibration windows
-        windows = plan.gradient_calib.replace(samples=base.calib.samples)
-        plan = plan.replace(apply_method="round", gradient_calib=windows)
-    tuning = tuning_config(args, None if base is None else base.tuning)
+    base_tuning = None
+    if args.preset == "best":
+        plan, base_tuning = best_tuned(plan)
+    tuning = tuning_config(args, base_tuning)
     texts = preflight(args)
     ppl: dict = {}
     model, tokenizer, report, plan = quantize_with_plan(args.model, plan, args.out, progress=not args.quiet,

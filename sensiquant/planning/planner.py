@@ -28,7 +28,7 @@ from ..methods.gptq import GPTQConfig
 from ..methods.outliers import GRADIENT_SALIENCIES, OutlierConfig, saliency_scores
 from ..methods.round import RoundConfig
 from ..methods.signround import SignRoundConfig
-from ..pipeline import DEFAULT_SKIP, QuantConfig, QuantReport, quantize_model
+from ..pipeline import DEFAULT_SKIP, QuantConfig, QuantReport, preset, quantize_model
 from ..pipeline.driver import check_finite
 from ..pipeline.resume import ResumeState
 from ..runtime.walk import find_linears
@@ -434,6 +434,15 @@ def _boost(problem: _Problem, flagged: list[dict], allocated: np.ndarray, reason
                 reasons[i] = (f"re-allocated from {problem.options[allocated[i]][0].name} to pay for the boost "
                               "(MXQ over the remaining budget)")
     return choice, reasons, flagged
+
+
+def best_tuned(config: PlanConfig) -> tuple[PlanConfig, SignRoundConfig]:
+    """``--preset best`` for a plan (``quantize --budget B --preset best``): the plan made with the preset's
+    calibration windows, applied on the HQQ grid (tuning from it beat tuning from GPTQ) and block-tuned as the preset
+    tunes; returns the plan config and the tuning to apply it with (BENCHMARKS.md: 22.52 / 44.01 at 3.60 bits)."""
+    best = preset("best")
+    windows = config.gradient_calib.replace(samples=best.calib.samples)
+    return config.replace(apply_method="round", gradient_calib=windows), best.tuning
 
 
 def plan_quant_config(model: nn.Module, plan: Plan, method: RoundConfig | GPTQConfig | None = None,
