@@ -33,12 +33,20 @@ ROWS = {  # name: spec ("plan": PlanConfig overrides of the --budget default, "p
     "plan 3.26 with 2-bit rungs": {"budget": 3.2578, "plan": {"min_rung_bits": 0}},
     "plan 3.26 full error table": {"budget": 3.2578, "plan": {"error_rows": None, "error_fit": "full"}},
     "gptq 4 windows": {"recipe": "gptq", "calib": {"samples": 4}},
+    "gptq 16 windows": {"recipe": "gptq", "calib": {"samples": 16}},
     # errors scored as AutoRound's AutoScheme scores them, sum |g| |W - Q(W)|, instead of Fisher-weighted
     "plan 3.60 abs_grad": {"budget": 3.60, "plan": {"error_metric": "abs_grad"}},
     "plan 3.26 abs_grad": {"budget": 3.2578, "plan": {"error_metric": "abs_grad"}},
+    # errors as the applied plan will make them: GPTQ's codes on the sampled rows, scored by the K-FAC output error
+    "plan 3.60 output": {"budget": 3.60, "plan": {"error_metric": "output"}},
+    "plan 3.26 output": {"budget": 3.2578, "plan": {"error_metric": "output"}},
     # `quantize --budget 3.6 --preset best` (planning.best_tuned: the HQQ grid, block-tuned, 16 windows); the row on
     # record ran it spelled out (apply_method round, 16 gradient windows, SignRound bf16): the same settings
     "plan 3.60 tuned n16": {"budget": 3.60, "plan": {}, "preset": "best"},
+    "plan 4.00 tuned n16": {"budget": 4.0, "plan": {}, "preset": "best"},
+    # the --budget default with 16 gradient windows instead of 4 (the Fisher table and GPTQ's Hessians both): is
+    # the table's noise what makes the Qwen plan lose to uniform GPTQ? ("gptq 16 windows" is its uniform peer)
+    "plan 3.26 grad n16": {"budget": 3.2578, "plan": {}, "grad_windows": 16},
 }
 
 
@@ -58,6 +66,9 @@ def run_one(spec: dict, max_windows: int, seqlen: int) -> dict:
         result["quantize_seconds"] = time.perf_counter() - t
     else:
         plan_config = PlanConfig(**{**BEST_METHOD, "budget": spec["budget"], **spec["plan"]})
+        if "grad_windows" in spec:
+            plan_config = plan_config.replace(
+                gradient_calib=plan_config.gradient_calib.replace(samples=spec["grad_windows"]))
         tuning = None
         if spec.get("preset") == "best":
             plan_config, tuning = best_tuned(plan_config)

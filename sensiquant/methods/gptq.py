@@ -67,10 +67,34 @@ def _quant_dequant(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmax: int)
     return (torch.round(w / s + z).clamp(0, qmax) - z) * s
 
 
+def _dead_and_order(h: torch.Tensor, act_order: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Inputs never active in calibration (zero diagonal), and the act-order column permutation (or None)."""
+    dead = torch.diagonal(h) == 0
+    if not act_order:
+        return dead, None
+    diag = torch.diagonal(h).clone()
+    diag[dead] = 1.0
+    return dead, torch.argsort(diag, descending=True)
+
+
+def gptq_factor(hessian: torch.Tensor, damp: float = 0.01, act_order: bool = False) -> torch.Tensor:
+    """The upper Cholesky factor of the damped inverse Hessian that :func:`gptq_solve` would compute, for solving
+    several specs (or row subsets) of one layer against the same Hessian without factoring it each time."""
+    h = hessian.detach().float().clone()
+    dead, perm = _dead_and_order(h, act_order)
+    h[dead, dead] = 1.0
+    if perm is not None:
+        h = h[perm][:, perm]
+    return upper_cholesky_of_inverse(h, damp)
+
+
 def gptq_solve(w: torch.Tensor, hessian: torch.Tensor, spec: LayerSpec, outlier_mask: torch.Tensor | None = None,
                damp: float = 0.01, block_size: int = 128, act_order: bool = False, return_base: bool = False,
-               asym_cross: torch.Tensor | None = None, alpha: float = 0.0) -> tuple[torch.Tensor, ...]:
+               asym_cross: torch.Tensor | None = None, alpha: float = 0.0,
+               factor: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """The GPTQ pass itself: returns (w_final, scale, zero), and with ``return_base`` also ``base``.
+
+    ``factor`` (from :func:`gptq_factor` with the same Hessian, ``damp`` and ``act_order``) skips the factoring.
 
     With ``asym_cross`` (GPTAQ's 2/n (X - X~)^T X~, see :mod:`sensiquant.methods.gptaq`) and ``alpha`` > 0, each
     column's weight also moves the columns not yet quantized by ``alpha * w_i P[i, j]`` with
@@ -104,7 +128,7 @@ def gptq_solve(w: torch.Tensor, hessian: torch.Tensor, spec: LayerSpec, outlier_
     one_group = dataclasses.replace(spec, group_size=None)
 
     # Dead inputs (never active in calibration): nothing to fit against, so the weight is zeroed (outliers kept).
-    dead = torch.diagonal(H) == 0
+    dead, perm = _dead_and_order(H, act_order)
     if bool(dead.any()):
         H[dead, dead] = 1.0
         W[:, dead] = torch.where(mask[:, dead], W[:, dead], 0.0)
@@ -127,19 +151,17 @@ def gptq_solve(w: torch.Tensor, hessian: torch.Tensor, spec: LayerSpec, outlier_
         s, z = fit_scale_zero(W, spec, ~mask if has_mask else None, col_weights=torch.diagonal(H))
         _, scale, zero = ggml.store_meta(s, z, spec.gguf)
         scale = floor_scale(scale)
-    perm = None
-    if act_order:
+    if perm is not None:
         # Static groups: fit every group up front on the original columns so groups stay contiguous in the
         # stored layout, then visit columns by descending Hessian diagonal.
-        for j in range(0 if gguf else n_groups):
-            fit(j, W[:, j * g:(j + 1) * g], mask[:, j * g:(j + 1) * g])
-        perm = torch.argsort(torch.diagonal(H), descending=True)
+        if not gguf:
+            scale, zero = static_meta(W, spec, mask if has_mask else None)
         W, H, mask = W[:, perm], H[perm][:, perm], mask[:, perm]
         group_of = (perm // g).tolist()
     else:
         group_of = [c // g for c in range(n)]
 
-    Hinv = upper_cholesky_of_inverse(H, damp)
+    Hinv = upper_cholesky_of_inverse(H, damp) if factor is None else factor.to(device=device, dtype=torch.float32)
     del H
     P = None
     if asym_cross is not None and alpha > 0:
@@ -148,9 +170,42 @@ def gptq_solve(w: torch.Tensor, hessian: torch.Tensor, spec: LayerSpec, outlier_
         C[:, dead if perm is None else dead[perm]] = 0.0
         P = alpha * torch.triu(C @ Hinv.t(), diagonal=1) @ Hinv
         del C
-    Q = torch.zeros_like(W)
     U = torch.zeros_like(W) if return_base or P is not None else None  # each column just before it is rounded
 
+    def quantize(col: int, wc: torch.Tensor) -> torch.Tensor:
+        j = group_of[col]
+        return _quant_dequant(wc, scale[:, j], zero[:, j], qmax)
+
+    def refit(col: int, i: int, i1: int, i2: int, W1: torch.Tensor, Err1: torch.Tensor) -> None:
+        if col % g == 0:
+            # First column of a group: fit on the group's current weights. Columns past this block have not
+            # received the block's lazy update yet, so apply the part accumulated so far to them here.
+            end = min(col + g, n)
+            cur = W1[:, i:min(end, i2) - i1]
+            if end > i2:
+                rest = W[:, i2:end] - Err1[:, :i] @ Hinv[i1:col, i2:end]
+                cur = torch.cat([cur, rest], dim=1)
+            fit(group_of[col], cur, mask[:, col:end])
+
+    dynamic = not act_order and not gguf
+    Q = _sweep(W, Hinv, quantize, mask if has_mask else None, block_size, refit if dynamic else None, U, P)
+
+    if perm is not None:
+        inverse = torch.argsort(perm)
+        Q = Q[:, inverse]
+        U = U[:, inverse] if return_base else None
+    return (Q, scale, zero, U) if return_base else (Q, scale, zero)
+
+
+def _sweep(W: torch.Tensor, Hinv: torch.Tensor, quantize, mask: torch.Tensor | None, block_size: int,
+           refit=None, U: torch.Tensor | None = None, P: torch.Tensor | None = None) -> torch.Tensor:
+    """GPTQ's column sweep over ``W`` (updated in place; columns in visiting order, ``Hinv`` permuted alike):
+    each column is rounded by ``quantize(col, w_col)`` (kept where ``mask`` is set) and its error pushed onto the
+    columns not yet visited, lazily per block of ``block_size`` columns. ``refit(col, i, i1, i2, W1, Err1)`` runs
+    first at every column (dynamic groups); ``U`` receives each column just before rounding; ``P`` is GPTAQ's
+    term. Returns the rounded columns."""
+    n = W.shape[1]
+    Q = torch.zeros_like(W)
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
         W1 = W[:, i1:i2].clone()
@@ -158,19 +213,11 @@ def gptq_solve(w: torch.Tensor, hessian: torch.Tensor, spec: LayerSpec, outlier_
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            j = group_of[col]
-            if not act_order and not gguf and col % g == 0:
-                # First column of a group: fit on the group's current weights. Columns past this block have not
-                # received the block's lazy update yet, so apply the part accumulated so far to them here.
-                end = min(col + g, n)
-                cur = W1[:, i:min(end, i2) - i1]
-                if end > i2:
-                    rest = W[:, i2:end] - Err1[:, :i] @ Hinv[i1:col, i2:end]
-                    cur = torch.cat([cur, rest], dim=1)
-                fit(j, cur, mask[:, col:end])
+            if refit is not None:
+                refit(col, i, i1, i2, W1, Err1)
             wc = W1[:, i]
-            q = _quant_dequant(wc, scale[:, j], zero[:, j], qmax)
-            if has_mask:
+            q = quantize(col, wc)
+            if mask is not None:
                 q = torch.where(mask[:, col], wc, q)
             Q[:, col] = q
             if U is not None:
@@ -183,12 +230,61 @@ def gptq_solve(w: torch.Tensor, hessian: torch.Tensor, spec: LayerSpec, outlier_
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
         if P is not None:
             W[:, i2:] += U[:, i1:i2] @ P[i1:i2, i2:]
+    return Q
 
-    if perm is not None:
-        inverse = torch.argsort(perm)
-        Q = Q[:, inverse]
-        U = U[:, inverse] if return_base else None
-    return (Q, scale, zero, U) if return_base else (Q, scale, zero)
+
+def static_meta(w: torch.Tensor, spec: LayerSpec, mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) of every group fitted up front on the original columns, outliers excluded, FP16-rounded as
+    stored: the static groups of act-order GPTQ."""
+    n = w.shape[1]
+    g = groups.resolve_group_size(spec.group_size, n)
+    one_group = dataclasses.replace(spec, group_size=None)
+    scale = torch.zeros(w.shape[0], groups.num_groups(n, spec.group_size), device=w.device)
+    zero = torch.zeros_like(scale)
+    for j in range(scale.shape[1]):
+        keep = None if mask is None else ~mask[:, j * g:(j + 1) * g]
+        s, z = fit_scale_zero(w[:, j * g:(j + 1) * g], one_group, keep)
+        scale[:, j] = s[:, 0].half().float().clamp_min(MIN_SCALE)
+        zero[:, j] = z[:, 0].half().float()
+    return scale, zero
+
+
+@torch.no_grad()
+def gptq_solve_many(w: torch.Tensor, hessian: torch.Tensor, specs: list[LayerSpec],
+                    masks: list[torch.Tensor | None], damp: float = 0.01, block_size: int = 128,
+                    factor: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Act-order GPTQ of the same rows ``w`` under several specs (bits, groups, outliers) in one sweep: the specs'
+    rows are stacked, each with its own static scales and grid top, so one pass over the columns serves them all
+    (the plan's error table). Returns each spec's dequantized rows, as :func:`gptq_solve` with ``act_order``
+    gives them up to float summation order."""
+    n = w.shape[1]
+    H = hessian.detach().float().clone()
+    dead, perm = _dead_and_order(H, True)
+    W, cols, zeros, tops, keep = [], [], [], [], []
+    for spec, mask in zip(specs, masks, strict=True):
+        if spec.gguf is not None:
+            raise ValueError("gptq_solve_many: GGUF rungs are solved one at a time (gptq_solve)")
+        m = torch.zeros_like(w, dtype=torch.bool) if mask is None else mask.to(dtype=torch.bool)
+        rows = torch.where(dead[None, :] & ~m, 0.0, w.float())
+        scale, zero = static_meta(rows, spec, m if bool(m.any()) else None)
+        group_of = torch.arange(n, device=w.device) // groups.resolve_group_size(spec.group_size, n)
+        W.append(rows)
+        cols.append(scale[:, group_of])
+        zeros.append(zero[:, group_of])
+        tops.append(torch.full((w.shape[0], 1), float(2**spec.bits - 1), device=w.device))
+        keep.append(m)
+    W, scale, zero, mask = (torch.cat(t)[:, perm] for t in (W, cols, zeros, keep))
+    top = torch.cat(tops)[:, 0]
+    if factor is None:
+        factor = gptq_factor(hessian, damp, act_order=True)
+
+    def quantize(col: int, wc: torch.Tensor) -> torch.Tensor:
+        return (torch.round(wc / scale[:, col] + zero[:, col]).clamp(min=torch.zeros_like(top), max=top)
+                - zero[:, col]) * scale[:, col]
+
+    Q = _sweep(W, factor.float(), quantize, mask if bool(mask.any()) else None, block_size)
+    return list(Q[:, torch.argsort(perm)].split(w.shape[0]))
 
 
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, spec: LayerSpec, outlier_mask: torch.Tensor | None = None,

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..calib import CalibConfig, GradientStats, calibration_windows, gradient_statistics
+from ..calib import CalibConfig, GradientStats, calibration_windows, gradient_statistics, input_statistics
 from ..errors import SensiquantError
 from ..format.spec import OUTLIER_FORMATS
 from ..methods.gptq import GPTQConfig
@@ -44,6 +44,7 @@ from .scoring import (
     layer_sites,
     option_costs,
     option_errors,
+    option_output_errors,
     output_sensitivity,
     part_profiles,
     weight_kurtosis,
@@ -53,8 +54,10 @@ PLAN_METHODS = ("uniform", "mxq", "sensiboost", "kurtboost")
 ERROR_FITS = ("light", "full")
 # MXQ's ||W - Q||_F; "fisher": sqrt(sum g^2 (W - Q)^2), gradient-weighted; "abs_grad": sum |g| |W - Q|, the weight
 # score of AutoRound's AutoScheme (here with the full-precision model's gradients). Both need a gradient pass.
-ERROR_METRICS = ("frobenius", "fisher", "abs_grad")
-_GRADIENT_METRICS = ("fisher", "abs_grad")
+# "output": the loss-weighted output error of the plan's own apply method (GPTQ's codes when it applies with GPTQ),
+# from the layers' input Hessians and the gradient's row weights (scoring.option_output_errors)
+ERROR_METRICS = ("frobenius", "fisher", "abs_grad", "output")
+_GRADIENT_METRICS = ("fisher", "abs_grad", "output")
 # What `sensiquant quantize --budget` uses: the best of bench/alloc.py (BENCHMARKS.md, "Layer-sensitive bits"): it
 # beats uniform HQQ at every budget <= 3.51 bits/param on SmolLM2-135M, and applied with GPTQ it beats the same
 # plan applied by rounding at both budgets where both were measured (3.51 and 3.60 bits/param). 2-bit rungs only
@@ -180,6 +183,7 @@ class PlanCache:
 
     gradients: dict[CalibConfig, GradientStats] = field(default_factory=dict)
     errors: dict[_ErrorKey, np.ndarray] = field(default_factory=dict)
+    hessians: dict[CalibConfig, dict[str, torch.Tensor]] = field(default_factory=dict)
     sensitivity: dict[tuple[str, str, CalibConfig], dict[str, tuple[float, int]]] = field(default_factory=dict)
 
 
@@ -330,12 +334,27 @@ def _error_table(run: _Run, problem: _Problem, config: PlanConfig, gradients: Gr
     def key(option, metric):
         rung, ratio = option
         gradient_windows = grads if metric in _GRADIENT_METRICS or ratio else None
+        if metric == "output":  # measured with the apply method's own codes
+            metric = f"output:{config.apply_method}"
         return _ErrorKey(config.grid, metric, rung.name, ratio, config.outlier_saliency if ratio else None,
                          config.outlier_format if ratio else None, gradient_windows, config.error_rows,
                          config.error_fit)
 
     missing = [o for o in problem.options if key(o, config.error_metric) not in run.cache.errors]
-    if missing:
+    if missing and config.error_metric == "output":
+        calib = config.gradient_calib
+        if calib not in run.cache.hessians:
+            with run.timer("inputs"):
+                windows = calibration_windows(run.tokenizer, calib)
+                run.cache.hessians[calib] = input_statistics(run.model, windows, run.layers, run.progress).hessian
+        with run.timer("errors"):
+            table = option_output_errors(
+                run.layers, missing, config.grid, run.cache.hessians[calib], gradients.sq_sum, saliency,
+                GPTQConfig() if config.apply_method == "gptq" else None, run.progress, config.outlier_format,
+                config.error_rows, calib.seed, LIGHT_FIT if config.error_fit == "light" else None)
+        for j, option in enumerate(missing):
+            run.cache.errors[key(option, "output")] = table[:, j]
+    elif missing:
         with run.timer("errors"):
             tables = option_errors(run.layers, missing, config.grid, saliency,
                                    None if gradients is None else gradients.sq_sum, run.progress,

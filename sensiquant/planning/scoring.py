@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from ..calib.windows import as_batches
 from ..format.accounting import storage_bits
 from ..format.spec import HQQParams
+from ..methods.gptq import GPTQConfig, gptq_factor, gptq_solve, gptq_solve_many
 from ..methods.outliers import top_mask
 from ..methods.round import quantize_weight
 from .ladder import LadderConfig
@@ -114,24 +115,10 @@ def option_errors(layers: dict[str, nn.Linear], options: Sequence[tuple[LadderCo
     metrics = (["frobenius"] + (["fisher"] if weight_importance is not None else [])
                + (["abs_grad"] if grad_abs is not None else []))
     errors = {m: np.zeros((len(layers), len(options))) for m in metrics}
-    ratios = sorted({r for _, r in options if r > 0})
-    items = list(layers.items())
-    for i, (name, layer) in enumerate(tqdm(items, desc="config errors", disable=not progress)):
-        w = layer.weight.detach().float()
-        pick = sample_rows(w.shape[0], rows, seed + i)
-        scale = 1.0 if pick is None else w.shape[0] / len(pick)
-        masks = {r: top_mask(saliency[name], r) for r in ratios}
-        importance = None if weight_importance is None else weight_importance[name].float()
-        g_abs = None if grad_abs is None else grad_abs[name].float()
-        if pick is not None:
-            w = w[pick]
-            masks = {r: m[pick] for r, m in masks.items()}
-            importance = None if importance is None else importance[pick]
-            g_abs = None if g_abs is None else g_abs[pick]
+    for i, w, masks, scale, (importance, g_abs) in _sampled(layers, options, saliency, rows, seed, progress,
+                                                             weight_importance, grad_abs):
         for j, (config, ratio) in enumerate(options):
-            spec = config.spec(grid, ratio, outlier_format).fitted(w.shape[1])
-            if hqq is not None:
-                spec = spec.replace(hqq=hqq)
+            spec = _option_spec(config, ratio, grid, outlier_format, hqq, w.shape[1])
             diff = w - quantize_weight(w, spec, masks.get(ratio)).dequantize()
             if g_abs is not None:
                 errors["abs_grad"][i, j] = float((diff.abs() * g_abs).sum()) * scale
@@ -139,6 +126,64 @@ def option_errors(layers: dict[str, nn.Linear], options: Sequence[tuple[LadderCo
             errors["frobenius"][i, j] = float(diff.sum().mul_(scale).sqrt())
             if importance is not None:
                 errors["fisher"][i, j] = float(diff.mul_(importance).sum().mul_(scale).sqrt())
+    return errors
+
+
+def _sampled(layers: dict[str, nn.Linear], options, saliency, rows: int | None, seed: int, progress: bool,
+             *per_weight: dict[str, torch.Tensor] | None):
+    """Per layer of ``layers``: (index, weight rows, outlier masks per ratio, scale-up factor, the ``per_weight``
+    tensors' same rows), the rows a seeded sample (:func:`sample_rows`) shared by every option of the layer."""
+    ratios = sorted({r for _, r in options if r > 0})
+    for i, (name, layer) in enumerate(tqdm(list(layers.items()), desc="config errors", disable=not progress)):
+        w = layer.weight.detach().float()
+        pick = sample_rows(w.shape[0], rows, seed + i)
+        masks = {r: top_mask(saliency[name], r) for r in ratios}
+        extra = [None if t is None else t[name].float() for t in per_weight]
+        if pick is not None:
+            masks = {r: m[pick] for r, m in masks.items()}
+            extra = [None if t is None else t[pick] for t in extra]
+        yield (i, w if pick is None else w[pick], masks, 1.0 if pick is None else w.shape[0] / len(pick),
+               tuple(extra))
+
+
+def _option_spec(config: LadderConfig, ratio: float, grid: str, outlier_format: str, hqq: HQQParams | None,
+                 in_features: int):
+    spec = config.spec(grid, ratio, outlier_format).fitted(in_features)
+    return spec if hqq is None else spec.replace(hqq=hqq)
+
+
+@torch.no_grad()
+def option_output_errors(layers: dict[str, nn.Linear], options: Sequence[tuple[LadderConfig, float]], grid: str,
+                         hessians: dict[str, torch.Tensor], weight_importance: dict[str, torch.Tensor],
+                         saliency: dict[str, torch.Tensor] | None = None, gptq: GPTQConfig | None = None,
+                         progress: bool = True, outlier_format: str = "csr", rows: int | None = None, seed: int = 0,
+                         hqq: HQQParams | None = None) -> np.ndarray:
+    """Loss-weighted output error of every (layer, option), measured with the method that will apply the plan:
+    ``sqrt(sum_i G_i (W_i - Q_i) H/2 (W_i - Q_i)^T)`` over output rows i, where H = 2/n X^T X is the layer's input
+    Hessian and G_i = sum_j F_ij / sum_j H_jj/2 the row's mean squared output gradient (K-FAC: F_ij ~ G_i E[x_j^2];
+    F the per-weight squared-gradient sums). Unlike the diagonal Fisher metric it sees that GPTQ's errors cancel
+    in the layer's output; with ``gptq`` the codes are GPTQ's (solved on the sampled rows, one factoring of H per
+    layer), else they are rounded on the grid. Rows are sampled and scaled up as in :func:`option_errors`."""
+    errors = np.zeros((len(layers), len(options)))
+    names = list(layers)
+    for i, w, masks, scale, (importance,) in _sampled(layers, options, saliency, rows, seed, progress,
+                                                      weight_importance):
+        h = hessians[names[i]].float()
+        row_weight = importance.sum(1) / (torch.diagonal(h).sum() / 2).clamp_min(1e-30)
+        specs = [_option_spec(config, ratio, grid, outlier_format, hqq, w.shape[1]) for config, ratio in options]
+        rounded = [masks.get(ratio) for _, ratio in options]
+        if gptq is not None:
+            factor = gptq_factor(h, gptq.damp, gptq.act_order)
+            if gptq.act_order and not any(spec.gguf for spec in specs):  # every option in one sweep
+                solved = gptq_solve_many(w, h, specs, rounded, gptq.damp, gptq.block_size, factor)
+            else:
+                solved = [gptq_solve(w, h, spec, mask, gptq.damp, gptq.block_size, gptq.act_order, factor=factor)[0]
+                          for spec, mask in zip(specs, rounded, strict=True)]
+        for j, spec in enumerate(specs):
+            q = quantize_weight(w, spec, rounded[j]).dequantize() if gptq is None else solved[j]
+            diff = w - q
+            per_row = ((diff @ h) * diff).sum(1) / 2
+            errors[i, j] = float((per_row * row_weight).sum().clamp_min(0) * scale) ** 0.5
     return errors
 
 

@@ -4,7 +4,7 @@ import torch
 from sensiquant.calib import accumulate_hessian
 from sensiquant.format import LayerSpec, QuantizedWeight
 from sensiquant.methods import quantize_weight
-from sensiquant.methods.gptq import gptq_quantize, gptq_solve
+from sensiquant.methods.gptq import gptq_factor, gptq_quantize, gptq_solve, gptq_solve_many
 
 
 def _layer(out=64, inp=256, n=512):
@@ -186,3 +186,37 @@ def test_bad_shapes():
         gptq_quantize(w, torch.eye(8), LayerSpec(grid="rtn"))
     with pytest.raises(ValueError):
         gptq_quantize(w, torch.eye(16), LayerSpec(grid="rtn"), outlier_mask=torch.zeros(8, 8, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_factor_is_reused_exactly(act_order):
+    """One factoring serves several specs and any row subset: the same codes as factoring each time."""
+    torch.manual_seed(0)
+    w, x = _layer()
+    h = _hessian(x)
+    h[:, 5] = 0.0
+    h[5, :] = 0.0  # a dead input
+    factor = gptq_factor(h, 0.01, act_order)
+    for spec in (LayerSpec(grid="rtn", bits=3, group_size=64), LayerSpec(grid="hqq", bits=4, group_size=32)):
+        want = gptq_solve(w, h, spec, act_order=act_order)[0]
+        assert torch.equal(gptq_solve(w, h, spec, act_order=act_order, factor=factor)[0], want)
+        # rows are solved independently of each other (up to float summation order, which can flip a rounding)
+        rows = torch.arange(0, 64, 3)
+        got = gptq_solve(w[rows], h, spec, act_order=act_order, factor=factor)[0]
+        assert (got == want[rows]).float().mean() > 0.9
+        assert _out_err(x, w[rows], got) == pytest.approx(_out_err(x, w[rows], want[rows]), rel=0.05)
+
+
+def test_gptq_solve_many_is_act_order_gptq_per_spec():
+    """Several specs (bits, groups, outliers, grids) in one sweep give each spec's own act-order GPTQ solution."""
+    torch.manual_seed(0)
+    w, x = _layer(out=48, inp=200)
+    h = _hessian(x)
+    mask = torch.rand(48, 200) < 0.02
+    specs = [LayerSpec(grid="hqq", bits=3, group_size=64), LayerSpec(grid="hqq", bits=4, group_size=32),
+             LayerSpec(grid="rtn", bits=8, group_size=128)]
+    masks = [None, mask, None]
+    for spec, m, got in zip(specs, masks, gptq_solve_many(w, h, specs, masks), strict=True):
+        want = gptq_solve(w, h, spec, m, act_order=True)[0]
+        assert (got == want).float().mean() > 0.99
+        assert _out_err(x, w, got) == pytest.approx(_out_err(x, w, want), rel=0.01)

@@ -248,6 +248,36 @@ def test_abs_grad_metric_is_autoschemes_weight_score(tok):
         PlanConfig(error_metric="l1")
 
 
+def test_output_metric_is_kfac_fisher_of_the_apply_methods_codes(tok):
+    """With a diagonal Hessian and a rank-one Fisher (F_ij = G_i H_jj / 2) the output metric of rounded codes is
+    the diagonal Fisher metric; on correlated inputs GPTQ's codes score lower than rounding's; a plan scored by
+    it (applied with GPTQ) meets its budget."""
+    from sensiquant.methods.gptq import GPTQConfig
+    from sensiquant.planning.scoring import option_errors, option_output_errors
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(128, 64, bias=False)
+    options = [(LadderConfig.from_name(n), 0.0) for n in ("b3g64", "b4g32")]
+    h_diag = torch.diag(torch.rand(128) + 0.5)
+    fisher = (torch.rand(64) + 0.1)[:, None] * torch.diagonal(h_diag)[None, :] / 2
+    out = option_output_errors({"l": layer}, options, "hqq", {"l": h_diag}, {"l": fisher}, progress=False)
+    diag = option_errors({"l": layer}, options, "hqq", weight_importance={"l": fisher}, progress=False)["fisher"]
+    assert np.allclose(out, diag, rtol=1e-4)
+
+    x = torch.randn(512, 128) @ (torch.randn(128, 128) / 128**0.5)
+    h = 2 / 512 * x.t() @ x
+    rounded = option_output_errors({"l": layer}, options, "hqq", {"l": h}, {"l": fisher}, progress=False)
+    solved = option_output_errors({"l": layer}, options, "hqq", {"l": h}, {"l": fisher}, gptq=GPTQConfig(),
+                                  progress=False)
+    assert (solved < rounded).all()
+
+    config = _config("mxq", 3.5, error_metric="output", apply_method="gptq")
+    plan = make_plan(_model(2), tok, config, progress=False)
+    assert plan.total_bits <= 3.5 * plan.total_params
+    assert all(layer.scores["error_output"] > 0 for layer in plan.layers)
+    assert "inputs" in plan.seconds
+
+
 def test_error_rows_plan_and_cli(tok, tmp_path, tiny_llama):
     plan = make_plan(_model(2), tok, _config("mxq", 3.5, error_rows=8), progress=False)
     assert plan.total_bits <= 3.5 * plan.total_params
