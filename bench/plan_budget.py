@@ -40,6 +40,9 @@ ROWS = {  # name: spec ("plan": PlanConfig overrides of the --budget default, "p
     # errors as the applied plan will make them: GPTQ's codes on the sampled rows, scored by the K-FAC output error
     "plan 3.60 output": {"budget": 3.60, "plan": {"error_metric": "output"}},
     "plan 3.26 output": {"budget": 3.2578, "plan": {"error_metric": "output"}},
+    # the integer program summing squared errors (the second-order loss estimate) instead of root errors
+    "plan 3.26 loss": {"budget": 3.2578, "plan": {"objective": "loss"}},
+    "plan 3.60 loss": {"budget": 3.60, "plan": {"objective": "loss"}},
     # `quantize --budget 3.6 --preset best` (planning.best_tuned: the HQQ grid, block-tuned, 16 windows); the row on
     # record ran it spelled out (apply_method round, 16 gradient windows, SignRound bf16): the same settings
     "plan 3.60 tuned n16": {"budget": 3.60, "plan": {}, "preset": "best"},

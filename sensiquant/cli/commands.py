@@ -90,8 +90,8 @@ def plan_config(args, **overrides):
 
     defaults = PlanConfig()
     kwargs = {"budget": args.budget, "skip": tuple(split(args.skip))}
-    for name in ("method", "exact", "error_metric", "apply_method", "outlier_format", "error_fit", "stop", "threshold",
-                 "min_rung_bits"):
+    for name in ("method", "exact", "error_metric", "objective", "apply_method", "outlier_format", "error_fit", "stop",
+                 "threshold", "min_rung_bits"):
         if getattr(args, name, None) is not None:
             kwargs[name] = getattr(args, name)
     if getattr(args, "outlier_ratios", None) is not None:

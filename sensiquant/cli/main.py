@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ..methods import SALIENCIES, OutlierConfig, SignRoundConfig
     from ..methods.outliers import SCOPES
     from ..pipeline import DEFAULT_SKIP, GWQ_SPEC, PRESETS, RECIPES
-    from ..planning import BEST_METHOD, ERROR_FITS, ERROR_METRICS, PLAN_METHODS, PlanConfig
+    from ..planning import BEST_METHOD, ERROR_FITS, ERROR_METRICS, OBJECTIVES, PLAN_METHODS, PlanConfig
     from ..planning.plan import APPLY_METHODS
     from ..runtime.device import DEFAULT_DEVICE
 
@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default {plan.outlier_format})")
     p.add_argument("--error-metric", choices=ERROR_METRICS, default=None,
                    help=f"default {plan.error_metric}")
+    p.add_argument("--objective", choices=OBJECTIVES, default=None,
+                   help="what the allocation sums over matrices: their errors (root) or their squares, the "
+                        f"second-order loss estimate (loss) (default {plan.objective})")
     p.add_argument("--apply-method", choices=APPLY_METHODS, default=None,
                    help=f"how the plan is applied: round on the grid, or GPTQ on it (default {plan.apply_method})")
     p.add_argument("--error-rows", type=int, default=None,

@@ -16,6 +16,7 @@ from .planner import (
     BEST_METHOD,
     ERROR_FITS,
     ERROR_METRICS,
+    OBJECTIVES,
     PLAN_METHODS,
     PlanCache,
     PlanConfig,
@@ -26,7 +27,7 @@ from .planner import (
 )
 
 __all__ = ["BEST_METHOD", "CHANGE_MODES", "DEFAULT_LADDER", "ERROR_FITS", "ERROR_METRICS", "META_GROUP_SIZE",
-           "PLAN_METHODS", "LadderConfig", "Plan", "PlanCache", "PlanConfig", "PlanLayer", "adjacent_changes",
-           "allocation_cost", "allocation_error", "apply_plan", "best_tuned", "change_zscores", "detect_outlier_layers",
-           "make_ladder", "make_plan", "min_bits_for", "pearson_kurtosis", "plan_quant_config", "solve_allocation",
-           "sort_ladder", "step_up", "trimmed_zscores"]
+           "OBJECTIVES", "PLAN_METHODS", "LadderConfig", "Plan", "PlanCache", "PlanConfig", "PlanLayer",
+           "adjacent_changes", "allocation_cost", "allocation_error", "apply_plan", "best_tuned", "change_zscores",
+           "detect_outlier_layers", "make_ladder", "make_plan", "min_bits_for", "pearson_kurtosis",
+           "plan_quant_config", "solve_allocation", "sort_ladder", "step_up", "trimmed_zscores"]

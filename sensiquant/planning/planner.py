@@ -58,6 +58,10 @@ ERROR_FITS = ("light", "full")
 # from the layers' input Hessians and the gradient's row weights (scoring.option_output_errors)
 ERROR_METRICS = ("frobenius", "fisher", "abs_grad", "output")
 _GRADIENT_METRICS = ("fisher", "abs_grad", "output")
+# What the integer program sums over matrices: each one's error as measured ("root": MXQ's Frobenius norms, the
+# root of the Fisher and output metrics' squared sums), or its square ("loss": the second-order estimate of the loss
+# increase, which adds up over matrices; a root sum pays a small matrix's last bits of error more than the loss does)
+OBJECTIVES = ("root", "loss")
 # What `sensiquant quantize --budget` uses: the best of bench/alloc.py (BENCHMARKS.md, "Layer-sensitive bits"): it
 # beats uniform HQQ at every budget <= 3.51 bits/param on SmolLM2-135M, and applied with GPTQ it beats the same
 # plan applied by rounding at both budgets where both were measured (3.51 and 3.60 bits/param). 2-bit rungs only
@@ -71,7 +75,7 @@ BEST_METHOD = {"method": "sensiboost", "exact": True, "error_metric": "fisher", 
 class PlanConfig(Config):
     """How to make a plan. Defaults follow the SensiBoost/KurtBoost paper where it is specific (README)."""
 
-    VERSION = 4
+    VERSION = 5
     method: str = "sensiboost"
     budget: float = 3.25  # bits per parameter over the quantized linears, everything counted
     exact: bool = False  # boost inside the budget (ours) instead of on top of it (paper)
@@ -81,6 +85,7 @@ class PlanConfig(Config):
     grid: str = "hqq"
     apply_method: str = "round"  # applying the plan: round on the grid, or "gptq" (error feedback, calibrated)
     error_metric: str = "frobenius"  # one of ERROR_METRICS
+    objective: str = "root"  # one of OBJECTIVES
     outlier_ratios: tuple[float, ...] = (0.0,)  # GWQ outlier shares a matrix may take
     outlier_saliency: str = "grad"
     outlier_format: str = "csr"  # FP16 CSR (34 bits per outlier) or int8 block residuals (~18-22 bits)
@@ -117,6 +122,8 @@ class PlanConfig(Config):
                                   f"got {self.grid!r}, {self.apply_method!r}")
         if self.error_metric not in ERROR_METRICS:
             raise SensiquantError(f"error metric must be one of {', '.join(ERROR_METRICS)}, got {self.error_metric!r}")
+        if self.objective not in OBJECTIVES:
+            raise SensiquantError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if not self.outlier_ratios or any(not 0 <= r < 0.5 for r in self.outlier_ratios):
             raise SensiquantError(f"outlier ratios must be in [0, 0.5), got {list(self.outlier_ratios)}")
         if any(r > 0 for r in self.outlier_ratios) and not self.exact:
@@ -268,7 +275,8 @@ def make_plan(model: nn.Module, tokenizer, config: PlanConfig, progress: bool = 
                                   f"(cheapest: {ladder[0].name} at {problem.costs[:, 0].sum() / n_params:.4f})")
     else:
         gradients = _gradients(run, config)
-        problem.errors = _error_table(run, problem, config, gradients)
+        measured = _error_table(run, problem, config, gradients)
+        problem.errors = measured**2 if config.objective == "loss" else measured
         with run.timer("allocate"):
             choice = solve_allocation(problem.errors, problem.costs, problem.budget_bits)
         allocated = choice.copy()
@@ -282,7 +290,7 @@ def make_plan(model: nn.Module, tokenizer, config: PlanConfig, progress: bool = 
             choice, reasons, kept = _boost(problem, flags.flagged, allocated, reasons, config)
             plan.flagged = [{k: v for k, v in f.items() if k != "key"} for f in kept]
         for i, name in enumerate(names):
-            scores[name][f"error_{config.error_metric}"] = float(problem.errors[i, choice[i]])
+            scores[name][f"error_{config.error_metric}"] = float(measured[i, choice[i]])
 
     sites = problem.sites
     plan.layers = [

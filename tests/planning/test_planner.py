@@ -278,6 +278,26 @@ def test_output_metric_is_kfac_fisher_of_the_apply_methods_codes(tok):
     assert "inputs" in plan.seconds
 
 
+def test_loss_objective_minimises_the_summed_squares(tok):
+    """objective="loss" sums squared errors (the second-order loss estimate): its plan has the lowest sum of squares
+    of any plan within the budget, the root plan's included; "root" has the lowest sum of roots. Older plan
+    settings (version 4) read back as root."""
+    from sensiquant.planning import PlanCache
+
+    model, cache = _model(2), PlanCache()
+    plans = {o: make_plan(model, tok, _config("mxq", 3.4, exact=True, error_metric="fisher", objective=o),
+                          progress=False, cache=cache) for o in ("root", "loss")}
+    errors = {o: np.array([layer.scores["error_fisher"] for layer in p.layers]) for o, p in plans.items()}
+    for plan in plans.values():
+        assert plan.total_bits <= 3.4 * plan.total_params
+    assert (errors["loss"] ** 2).sum() <= (errors["root"] ** 2).sum() * (1 + 1e-9)
+    assert errors["root"].sum() <= errors["loss"].sum() * (1 + 1e-9)
+    with pytest.raises(SensiquantError, match="objective"):
+        PlanConfig(objective="mean")
+    old = {k: v for k, v in PlanConfig().to_dict().items() if k != "objective"}
+    assert PlanConfig.from_dict({**old, "version": 4}).objective == "root"
+
+
 def test_error_rows_plan_and_cli(tok, tmp_path, tiny_llama):
     plan = make_plan(_model(2), tok, _config("mxq", 3.5, error_rows=8), progress=False)
     assert plan.total_bits <= 3.5 * plan.total_params
