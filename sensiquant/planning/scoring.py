@@ -171,16 +171,16 @@ def option_output_errors(layers: dict[str, nn.Linear], options: Sequence[tuple[L
         h = hessians[names[i]].float()
         row_weight = importance.sum(1) / (torch.diagonal(h).sum() / 2).clamp_min(1e-30)
         specs = [_option_spec(config, ratio, grid, outlier_format, hqq, w.shape[1]) for config, ratio in options]
-        rounded = [masks.get(ratio) for _, ratio in options]
+        option_masks = [masks.get(ratio) for _, ratio in options]
         if gptq is not None:
             factor = gptq_factor(h, gptq.damp, gptq.act_order)
             if gptq.act_order and not any(spec.gguf for spec in specs):  # every option in one sweep
-                solved = gptq_solve_many(w, h, specs, rounded, gptq.damp, gptq.block_size, factor)
+                solved = gptq_solve_many(w, h, specs, option_masks, gptq.damp, gptq.block_size, factor)
             else:
                 solved = [gptq_solve(w, h, spec, mask, gptq.damp, gptq.block_size, gptq.act_order, factor=factor)[0]
-                          for spec, mask in zip(specs, rounded, strict=True)]
+                          for spec, mask in zip(specs, option_masks, strict=True)]
         for j, spec in enumerate(specs):
-            q = quantize_weight(w, spec, rounded[j]).dequantize() if gptq is None else solved[j]
+            q = quantize_weight(w, spec, option_masks[j]).dequantize() if gptq is None else solved[j]
             diff = w - q
             per_row = ((diff @ h) * diff).sum(1) / 2
             errors[i, j] = float((per_row * row_weight).sum().clamp_min(0) * scale) ** 0.5
