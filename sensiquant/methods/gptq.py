@@ -62,9 +62,17 @@ def upper_cholesky_of_inverse(h: torch.Tensor, damp: float) -> torch.Tensor:
     raise ValueError("GPTQ: the Hessian is not positive definite even with extra dampening")
 
 
-def _quant_dequant(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmax: int) -> torch.Tensor:
-    """Round to the grid and back, as affine.py does: ``(clamp(round(w/s + z), 0, qmax) - z) * s``."""
-    return (torch.round(w / s + z).clamp(0, qmax) - z) * s
+def _quant_dequant(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmax, lo=0) -> torch.Tensor:
+    """Round to the grid and back, as affine.py does: ``(clamp(round(w/s + z), 0, qmax) - z) * s``; ``qmax`` may be
+    a tensor of per-row tops, with ``lo`` a tensor of zeros alike (torch clamps to tensors or numbers, not both)."""
+    return (torch.round(w / s + z).clamp(lo, qmax) - z) * s
+
+
+def _stored_meta(w_group: torch.Tensor, one_group: LayerSpec, keep: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One group's (scale, zero) per row, fitted on ``w_group`` where ``keep`` is set and FP16-rounded as stored."""
+    s, z = fit_scale_zero(w_group, one_group, keep)
+    return s[:, 0].half().float().clamp_min(MIN_SCALE), z[:, 0].half().float()
 
 
 def _dead_and_order(h: torch.Tensor, act_order: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -138,9 +146,7 @@ def gptq_solve(w: torch.Tensor, hessian: torch.Tensor, spec: LayerSpec, outlier_
 
     def fit(j: int, w_group: torch.Tensor, m_group: torch.Tensor) -> None:
         """Fit group j's (scale, zero) on ``w_group``, excluding outliers, and round them as they are stored."""
-        s, z = fit_scale_zero(w_group, one_group, ~m_group if has_mask else None)
-        scale[:, j] = s[:, 0].half().float().clamp_min(MIN_SCALE)
-        zero[:, j] = z[:, 0].half().float()
+        scale[:, j], zero[:, j] = _stored_meta(w_group, one_group, ~m_group if has_mask else None)
 
     gguf = spec.gguf is not None
     if gguf:
@@ -244,9 +250,7 @@ def static_meta(w: torch.Tensor, spec: LayerSpec, mask: torch.Tensor | None = No
     zero = torch.zeros_like(scale)
     for j in range(scale.shape[1]):
         keep = None if mask is None else ~mask[:, j * g:(j + 1) * g]
-        s, z = fit_scale_zero(w[:, j * g:(j + 1) * g], one_group, keep)
-        scale[:, j] = s[:, 0].half().float().clamp_min(MIN_SCALE)
-        zero[:, j] = z[:, 0].half().float()
+        scale[:, j], zero[:, j] = _stored_meta(w[:, j * g:(j + 1) * g], one_group, keep)
     return scale, zero
 
 
@@ -259,8 +263,7 @@ def gptq_solve_many(w: torch.Tensor, hessian: torch.Tensor, specs: list[LayerSpe
     (the plan's error table). Returns each spec's dequantized rows, as :func:`gptq_solve` with ``act_order``
     gives them up to float summation order."""
     n = w.shape[1]
-    H = hessian.detach().float().clone()
-    dead, perm = _dead_and_order(H, True)
+    dead, perm = _dead_and_order(hessian.detach().float(), True)
     W, cols, zeros, tops, keep = [], [], [], [], []
     for spec, mask in zip(specs, masks, strict=True):
         if spec.gguf is not None:
@@ -276,12 +279,12 @@ def gptq_solve_many(w: torch.Tensor, hessian: torch.Tensor, specs: list[LayerSpe
         keep.append(m)
     W, scale, zero, mask = (torch.cat(t)[:, perm] for t in (W, cols, zeros, keep))
     top = torch.cat(tops)[:, 0]
+    floor = torch.zeros_like(top)
     if factor is None:
         factor = gptq_factor(hessian, damp, act_order=True)
 
     def quantize(col: int, wc: torch.Tensor) -> torch.Tensor:
-        return (torch.round(wc / scale[:, col] + zero[:, col]).clamp(min=torch.zeros_like(top), max=top)
-                - zero[:, col]) * scale[:, col]
+        return _quant_dequant(wc, scale[:, col], zero[:, col], top, floor)
 
     Q = _sweep(W, factor.float(), quantize, mask if bool(mask.any()) else None, block_size)
     return list(Q[:, torch.argsort(perm)].split(w.shape[0]))
