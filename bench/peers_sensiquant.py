@@ -1,4 +1,4 @@
-"""sensiquant itself as a peer of the harness: uniform HQQ, GPTQ, GWQ with its defaults, and a plan for a budget."""
+"""sensiquant itself as a peer of the harness: uniform HQQ, GPTQ, GWQ with its defaults, and plans for a budget."""
 
 from __future__ import annotations
 
@@ -11,6 +11,11 @@ PLANS = RESULTS / "alloc_plans"
 # plans that bench/alloc.py made (budget-exact SensiBoost + Fisher + GWQ outliers) and how they are applied
 PLAN_FILES = {"plan-3.60": ("bpp3.60-sensiboost_exact_fisher_plusgwq.json", "gptq"),
               "plan-4.26": ("b4g64-sensiboost_exact_fisher_plusgwq.json", "hqq")}
+
+
+# `quantize --budget B` (budget-B) and `quantize --budget B --preset best` (best-B), planned and applied in the row's
+# process (planning time included): the curve from 2.5 to 4.5 bits/param of issue 14
+BUDGETS = ("2.60", "3.00", "3.26", "3.60", "4.00", "4.50")
 
 
 def _spec(setting: str):
@@ -30,12 +35,28 @@ def _recipe(name: str, ctx: PeerContext):
     return config.replace(calib=config.calib.replace(samples=samples, seqlen=ctx.calib_windows.shape[1]))
 
 
+def _budget_config(setting: str, ctx: PeerContext):
+    """The PlanConfig (and block tuning, for best-B) that `quantize --budget B [--preset best]` uses, with at most
+    the harness's number of calibration windows, of its length."""
+    from sensiquant.planning import BEST_METHOD, PlanConfig, best_tuned
+
+    kind, budget = setting.split("-")
+    config, tuning = PlanConfig(budget=float(budget), **BEST_METHOD), None
+    if kind == "best":
+        config, tuning = best_tuned(config)
+    calib = config.gradient_calib
+    calib = calib.replace(samples=min(calib.samples, ctx.calib_windows.shape[0]), seqlen=ctx.calib_windows.shape[1])
+    return config.replace(gradient_calib=calib), tuning
+
+
 def run(setting: str, ctx: PeerContext) -> PeerRun:
     """Settings: hqq-b4g64, hqq-b4g128-meta8, hqq-b3g64-meta8 (uniform HQQ); gptq-b3g64-meta8 (GWQ's backend alone);
     gwq (the defaults: 3-bit g64 meta8, 1.9% |g| block outliers; 0.99% FP16 ones before session 6); plan-3.60 /
     plan-4.26 (the budget-exact SensiBoost + Fisher + GWQ plans that bench/alloc.py made, applied with GPTQ / HQQ;
-    planning itself takes ~10 minutes and is timed in the allocation benchmark, so it is loaded here)."""
+    planning itself takes ~10 minutes and is timed in the allocation benchmark, so it is loaded here); budget-B and
+    best-B for B in BUDGETS (`quantize --budget B`, `--preset best` for best-B: planned here, planning timed)."""
     from sensiquant import GPTQConfig, Plan, QuantConfig, RoundConfig, apply_plan, quantize_model
+    from sensiquant.planning import PlanCache, make_plan
 
     model, tokenizer = ctx.load_base()
     start = time.perf_counter()
@@ -47,6 +68,11 @@ def run(setting: str, ctx: PeerContext) -> PeerRun:
         file, method = PLAN_FILES[setting]
         method = GPTQConfig() if method == "gptq" else RoundConfig()
         report, _ = apply_plan(model, tokenizer, Plan.load(PLANS / file), method, progress=False)
+    elif setting.partition("-")[0] in ("budget", "best") and setting.partition("-")[2] in BUDGETS:
+        config, tuning = _budget_config(setting, ctx)
+        cache = PlanCache()  # the plan's gradient pass serves the quantization too, as in quantize --budget
+        plan = make_plan(model, tokenizer, config, progress=False, model_name=ctx.model_name, cache=cache)
+        report, _ = apply_plan(model, tokenizer, plan, None, progress=False, tuning=tuning, cache=cache)
     else:
         raise ValueError(f"unknown sensiquant setting {setting!r}")
     seconds = time.perf_counter() - start
@@ -60,4 +86,5 @@ def _version() -> str:
 
 
 PEERS = [Peer("sensiquant", ["hqq-b4g64", "hqq-b4g128-meta8", "hqq-b3g64-meta8", "gptq-b3g64-meta8", "gwq",
-                             *PLAN_FILES], lambda: None, run, _version)]
+                             *PLAN_FILES, *(f"{kind}-{b}" for kind in ("budget", "best") for b in BUDGETS)],
+                lambda: None, run, _version)]

@@ -31,6 +31,20 @@ def test_peer_harness_runs_end_to_end_on_a_tiny_model(tiny_llama, data_dir, tmp_
     assert again.returncode == 0 and json.loads(out.read_text())["rows"] == rows
 
 
+def test_budget_setting_plans_within_its_budget(tiny_llama, data_dir, tmp_path):
+    out = tmp_path / "peers.json"
+    cmd = [sys.executable, "-m", "bench.peers", "--model", str(tiny_llama), "--peers", "sensiquant",
+           "--settings", "budget-3.60", "--max-windows", "1", "--seqlen", "64", "--calib-windows", "2",
+           "--data-dir", str(data_dir), "--work-dir", str(tmp_path / "work"), "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
+                          env={**os.environ, "SENSIQUANT_DATA_DIR": str(data_dir)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert "error" not in row, row
+    # the plan spends the budget (to a rounding of the integer program) and never more
+    assert 3.4 < row["bits_per_param"] <= 3.60 and row["ppl_wikitext2"] > 1
+
+
 def test_rows_without_the_asked_zero_shot_run_again():
     from bench.peers import done_rows
 
