@@ -4,7 +4,7 @@ import torch
 from sensiquant.errors import SensiquantError
 from sensiquant.format import HQQParams, LayerSpec, QuantizedWeight
 from sensiquant.format.groups import merge_groups, num_groups, split_groups
-from sensiquant.methods import quantize_weight
+from sensiquant.methods import fit_scale_zero, quantize_weight
 
 
 def _weight(out=48, inp=200):
@@ -121,3 +121,20 @@ def test_constant_group_and_one_column_tail(grid):
     deq = q.dequantize()
     assert torch.isfinite(deq).all()
     assert torch.allclose(deq, w, rtol=1e-3)
+
+
+@pytest.mark.parametrize("grid", ["rtn", "hqq"])
+@pytest.mark.parametrize("value", [-1e-3, 2e-3])
+def test_constant_group_keeps_its_zero_in_range_for_8bit_metadata(grid, value):
+    # one constant group among 127 ordinary ones in a meta group: its zero must stay inside the code range, or the
+    # 8-bit metadata of the whole meta group is spent on it (Qwen2.5's layer-2 down_proj: g32 then lost to g128)
+    torch.manual_seed(0)
+    w = torch.randn(4, 32 * 32) * 0.02
+    w[1, 64:96] = value
+    spec = LayerSpec(grid=grid, bits=2, group_size=32, quant_meta=True)
+    q = quantize_weight(w, spec)
+    _, zero = fit_scale_zero(w, spec)
+    assert 0 <= zero.min() and zero.max() <= 3
+    assert torch.allclose(q.dequantize()[1, 64:96], w[1, 64:96], rtol=1e-2)
+    fp16 = quantize_weight(w, spec.replace(quant_meta=False))
+    assert (q.dequantize() - w).norm() < 1.02 * (fp16.dequantize() - w).norm()
