@@ -84,7 +84,9 @@ def alloc_table(data: dict) -> str:
             f"| {r['budget']:.4f} ({r['spec']['rung']}) | {r['spec']['variant']} | {r['bits_per_param']:.4f} | "
             f"{(r['bits_per_param'] / r['budget'] - 1) * 100:+.2f}% | {r['ppl_wikitext2']:.2f} | "
             f"{rel('ppl_wikitext2')} | {r['ppl_c4']:.2f} | {rel('ppl_c4')} | {', '.join(r['flagged']) or '-'} | "
-            f"{r['quantize_seconds']:.0f} |")
+            f"{r['quantize_seconds']:.0f}{' (*)' if 'note' in r else ''} |")
+    if any("note" in r for r in rows):
+        lines += ["", "(*) time inflated: other jobs shared the two cores (the row's note in the JSON)."]
     return "\n".join(lines)
 
 
