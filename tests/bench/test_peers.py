@@ -1,21 +1,11 @@
 import json
-import os
 import subprocess
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from harness import run_peers
 
 
 def test_peer_harness_runs_end_to_end_on_a_tiny_model(tiny_llama, data_dir, tmp_path):
-    out = tmp_path / "peers.json"
-    cmd = [sys.executable, "-m", "bench.peers", "--model", str(tiny_llama), "--peers", "sensiquant",
-           "--settings", "hqq-b4g64,gwq", "--max-windows", "1", "--seqlen", "64",
-           "--calib-windows", "2", "--data-dir", str(data_dir), "--work-dir", str(tmp_path / "work"),
-           "--out", str(out), "--zeroshot-limit", "2"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
-                          env={**os.environ, "SENSIQUANT_DATA_DIR": str(data_dir)})
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    cmd, out = run_peers(tiny_llama, "sensiquant", "hqq-b4g64,gwq", data_dir, tmp_path, "--zeroshot-limit", "2")
     rows = json.loads(out.read_text())["rows"]
     assert [r["setting"] for r in rows] == ["hqq-b4g64", "gwq"]
     for row in rows:
@@ -32,13 +22,7 @@ def test_peer_harness_runs_end_to_end_on_a_tiny_model(tiny_llama, data_dir, tmp_
 
 
 def test_budget_setting_plans_within_its_budget(tiny_llama, data_dir, tmp_path):
-    out = tmp_path / "peers.json"
-    cmd = [sys.executable, "-m", "bench.peers", "--model", str(tiny_llama), "--peers", "sensiquant",
-           "--settings", "budget-3.60", "--max-windows", "1", "--seqlen", "64", "--calib-windows", "2",
-           "--data-dir", str(data_dir), "--work-dir", str(tmp_path / "work"), "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
-                          env={**os.environ, "SENSIQUANT_DATA_DIR": str(data_dir)})
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    _, out = run_peers(tiny_llama, "sensiquant", "budget-3.60", data_dir, tmp_path)
     (row,) = json.loads(out.read_text())["rows"]
     assert "error" not in row, row
     # the plan spends the budget (to a rounding of the integer program) and never more

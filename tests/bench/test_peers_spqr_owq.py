@@ -2,18 +2,14 @@
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from harness import run_peers
 
 from bench import peers_spqr_owq as adapter
 from bench.peer_api import PeerContext, block_linear_names
 
-REPO = Path(__file__).resolve().parents[2]
 SETUP = "bash bench/peers_spqr_owq_setup.sh"
 needs_spqr = pytest.mark.skipif(adapter.PEERS[0].available() is not None,
                                 reason=f"no SpQR checkout at {adapter.SPQR_SRC} ({SETUP})")
@@ -98,13 +94,7 @@ def test_owq_keeps_weak_columns_and_quantizes_the_rest(ctx, monkeypatch):
 @needs_spqr
 @needs_owq
 def test_harness_runs_both_peers(tiny16, data_dir, tmp_path):
-    out = tmp_path / "peers.json"
-    cmd = [sys.executable, "-m", "bench.peers", "--model", str(tiny16), "--peers", "spqr,owq",
-           "--settings", "w3g32,w3g32-t3.01", "--max-windows", "1", "--seqlen", "64", "--calib-windows", "2",
-           "--data-dir", str(data_dir), "--work-dir", str(tmp_path / "work"), "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
-                          env={**os.environ, "SENSIQUANT_DATA_DIR": str(data_dir)})
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    _, out = run_peers(tiny16, "spqr,owq", "w3g32,w3g32-t3.01", data_dir, tmp_path)
     rows = json.loads(out.read_text())["rows"]
     assert [(r["peer"], r["setting"]) for r in rows] == [("spqr", "w3g32"), ("owq", "w3g32-t3.01")]
     for row in rows:
