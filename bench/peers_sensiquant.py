@@ -16,6 +16,7 @@ PLAN_FILES = {"plan-3.60": ("bpp3.60-sensiboost_exact_fisher_plusgwq.json", "gpt
 # `quantize --budget B` (budget-B) and `quantize --budget B --preset best` (best-B), planned and applied in the row's
 # process (planning time included): the curve from 2.5 to 4.5 bits/param of issue 14
 BUDGETS = ("2.60", "3.00", "3.26", "3.60", "4.00", "4.50")
+BUDGET_SETTINGS = tuple(f"{kind}-{b}" for kind in ("budget", "best") for b in BUDGETS)
 
 
 def _spec(setting: str):
@@ -26,13 +27,17 @@ def _spec(setting: str):
     return LayerSpec(grid="hqq", bits=bits, group_size=group, quant_meta=setting.endswith("meta8"))
 
 
+def _harness_calib(calib, ctx: PeerContext):
+    """``calib`` limited to the harness's number of calibration windows, at its window length."""
+    return calib.replace(samples=min(calib.samples, ctx.calib_windows.shape[0]), seqlen=ctx.calib_windows.shape[1])
+
+
 def _recipe(name: str, ctx: PeerContext):
     """The recipe with calibration from the same WikiText-2 validation text the harness gives every peer."""
     from sensiquant import recipe
 
     config = recipe(name)
-    samples = min(config.calib.samples, ctx.calib_windows.shape[0])
-    return config.replace(calib=config.calib.replace(samples=samples, seqlen=ctx.calib_windows.shape[1]))
+    return config.replace(calib=_harness_calib(config.calib, ctx))
 
 
 def _budget_config(setting: str, ctx: PeerContext):
@@ -44,9 +49,7 @@ def _budget_config(setting: str, ctx: PeerContext):
     config, tuning = PlanConfig(budget=float(budget), **BEST_METHOD), None
     if kind == "best":
         config, tuning = best_tuned(config)
-    calib = config.gradient_calib
-    calib = calib.replace(samples=min(calib.samples, ctx.calib_windows.shape[0]), seqlen=ctx.calib_windows.shape[1])
-    return config.replace(gradient_calib=calib), tuning
+    return config.replace(gradient_calib=_harness_calib(config.gradient_calib, ctx)), tuning
 
 
 def run(setting: str, ctx: PeerContext) -> PeerRun:
@@ -68,7 +71,7 @@ def run(setting: str, ctx: PeerContext) -> PeerRun:
         file, method = PLAN_FILES[setting]
         method = GPTQConfig() if method == "gptq" else RoundConfig()
         report, _ = apply_plan(model, tokenizer, Plan.load(PLANS / file), method, progress=False)
-    elif setting.partition("-")[0] in ("budget", "best") and setting.partition("-")[2] in BUDGETS:
+    elif setting in BUDGET_SETTINGS:
         config, tuning = _budget_config(setting, ctx)
         cache = PlanCache()  # the plan's gradient pass serves the quantization too, as in quantize --budget
         plan = make_plan(model, tokenizer, config, progress=False, model_name=ctx.model_name, cache=cache)
@@ -86,5 +89,5 @@ def _version() -> str:
 
 
 PEERS = [Peer("sensiquant", ["hqq-b4g64", "hqq-b4g128-meta8", "hqq-b3g64-meta8", "gptq-b3g64-meta8", "gwq",
-                             *PLAN_FILES, *(f"{kind}-{b}" for kind in ("budget", "best") for b in BUDGETS)],
+                             *PLAN_FILES, *BUDGET_SETTINGS],
                 lambda: None, run, _version)]

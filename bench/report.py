@@ -62,6 +62,14 @@ def gwq_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+# rows whose times shared the two cores carry a "note" saying with what: their times are marked
+SHARED_FOOTNOTE = "(*) times inflated: other jobs shared the two cores (each row's note in the JSON)."
+
+
+def _shared(row: dict) -> str:
+    return " (*)" if row.get("note") else ""
+
+
 def alloc_table(data: dict) -> str:
     """Per budget: every method's exact bits/param, PPL, and change against uniform HQQ at the same budget."""
     rows = [r for r in data["rows"] if "error" not in r]
@@ -84,9 +92,9 @@ def alloc_table(data: dict) -> str:
             f"| {r['budget']:.4f} ({r['spec']['rung']}) | {r['spec']['variant']} | {r['bits_per_param']:.4f} | "
             f"{(r['bits_per_param'] / r['budget'] - 1) * 100:+.2f}% | {r['ppl_wikitext2']:.2f} | "
             f"{rel('ppl_wikitext2')} | {r['ppl_c4']:.2f} | {rel('ppl_c4')} | {', '.join(r['flagged']) or '-'} | "
-            f"{r['quantize_seconds']:.0f}{' (*)' if 'note' in r else ''} |")
-    if any("note" in r for r in rows):
-        lines += ["", "(*) time inflated: other jobs shared the two cores (the row's note in the JSON)."]
+            f"{r['quantize_seconds']:.0f}{_shared(r)} |")
+    if any(_shared(r) for r in rows):
+        lines += ["", SHARED_FOOTNOTE]
     return "\n".join(lines)
 
 
@@ -253,13 +261,13 @@ def plan_budget_table(data: dict) -> str:
         stages = r.get("plan_stage_seconds")
         plan = (f"{r['plan_seconds']:.0f} ({stages.get('gradients', 0):.0f} / {stages.get('errors', 0):.0f} / "
                 f"{stages.get('sensitivity', 0):.0f})" if stages else "-")
-        shared = " (*)" if r.get("note") else ""  # the row's note says what shared the cores
+        shared = _shared(r)
         return (f"{r['bits_per_param']:.4f} | {r['n_outliers']:,} | {r['ppl_wikitext2']:.2f} | {r['ppl_c4']:.2f} | "
                 f"{plan}{shared} | {r['quantize_seconds']:.0f}{shared} | {r['peak_rss_mb']:.0f}")
 
     table = _rows_table(data, "| model | setting | bits/param | outliers | WikiText-2 PPL | C4 PPL | plan s "
                               "(gradients / errors / sensitivity) | quantize s | peak RSS MiB |", render)
-    return table + "\n\n(*) times inflated: other jobs shared the two cores (each row's note in the JSON)."
+    return table + "\n\n" + SHARED_FOOTNOTE
 
 
 TABLES = {"foundation": ("foundation.json", foundation_table), "hqq_parity": ("hqq_parity.json", parity_table),
