@@ -34,6 +34,7 @@ The extension is built and loaded by :mod:`sensiquant.runtime.extension`; the la
 
 from __future__ import annotations
 
+import math
 import threading
 
 import torch
@@ -54,6 +55,7 @@ COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # layer dtypes that take int4pack: its fp32 and fp16 CPU kernels are scalar code (30-60x slower than the packed one)
 INT4PACK_DTYPES = (torch.bfloat16,)
 PATHS = ("int4pack", "packed", "dequant")
+MIN_FUSED_META = 16  # fused 8-bit-metadata layers: smallest meta group (each costs 8 bytes of repeated FP16 meta)
 _EMPTY_HALF = torch.empty(0, dtype=torch.float16)
 
 
@@ -359,6 +361,13 @@ def _cat_csr(parts: list[tuple | None], rows: list[int], dtype: torch.dtype):
     return torch.cat(values), torch.cat(cols), torch.cat(ptrs)
 
 
+def _split_meta(values: torch.Tensor, count: int, meta: int, sub: int) -> torch.Tensor:
+    """The FP16 meta scales (or zeros) of ``count`` entries in groups of ``meta``, one per group of ``sub`` (a
+    divisor of ``meta``): each repeated for the sub-groups it covers, so entry i decodes with the same value."""
+    starts = torch.arange(0, count, sub)
+    return values.reshape(-1)[starts // meta].contiguous()
+
+
 def _cat_bias(layers, dtype: torch.dtype) -> torch.Tensor | None:
     if all(layer.bias is None for layer in layers):
         return None
@@ -371,8 +380,10 @@ def fuse_rows(layers: list[nn.Module]) -> nn.Module | None:
 
     Fuses ``nn.Linear`` layers of one dtype, and :class:`FastQuantLinear` layers of one spec, dtype and path whose
     kernel buffers stack by rows: int4pack packs rows in blocks of 64, and 8-bit metadata is grouped over the
-    flattened scales, so every layer but the last must fill whole blocks. No second copy is kept: the layers'
-    weights and codes become views of the fused layer's (they compute as before)."""
+    flattened scales: the fused layer decodes them in meta groups of the largest size that divides the scale count
+    of every layer but the last (their FP16 meta scales and zeros repeated to match, bit-exact), at least
+    ``MIN_FUSED_META`` entries. No second copy is kept: the layers' weights and codes become views of the fused
+    layer's (they compute as before)."""
     first = layers[0]
     if len(layers) < 2 or any(layer.in_features != first.in_features for layer in layers):
         return None
@@ -388,13 +399,19 @@ def fuse_rows(layers: list[nn.Module]) -> nn.Module | None:
         big = {"packed": None, "delta_values": None, "delta_col": None}
     else:
         meta = first.meta_group
-        if meta and any(layer.scale_q.numel() != layer.scale_qscale.numel() * meta for layer in layers[:-1]):
+        sub = math.gcd(meta, *(layer.scale_q.numel() for layer in layers[:-1])) if meta else 0
+        if meta and sub < MIN_FUSED_META:
             return None
-        stored = [p + s for p in ("scale", "zero") for s in (("_q", "_qscale", "_qzero") if meta else ("",))]
+        stored = ["scale_q", "zero_q"] if meta else ["scale", "zero"]
         big = {"codes": None, **dict.fromkeys(stored), "outlier_delta": None, "outlier_col_idx": None}
     fused = FastQuantLinear(first.in_features, sum(rows), first.spec, first.path, first.dtype,
                             _cat_bias(layers, first.dtype))
     fused.kernel_name, fused.kernel_group = first.kernel_name, first.kernel_group
+    if first.path == "packed" and meta:
+        fused.meta_group = sub
+        for name in ("scale_qscale", "scale_qzero", "zero_qscale", "zero_qzero"):
+            fused.register_buffer(name, torch.cat([_split_meta(getattr(layer, name), layer.scale_q.numel(), meta, sub)
+                                                   for layer in layers]))
     if first.path == "int4pack":
         fused.register_buffer("scales_zeros", torch.cat([layer.scales_zeros for layer in layers], dim=1))
         names = ("delta_values", "delta_col", "delta_ptr")

@@ -108,7 +108,8 @@ def _quant(out_f, in_f, spec, seed, outliers=0.0):
 
 
 @needs_ext
-@pytest.mark.parametrize("case", ["packed-meta8-csr", "packed-fp16-block", "int4pack-csr", "int4pack-plain"])
+@pytest.mark.parametrize("case", ["packed-meta8-csr", "packed-meta8-partial", "packed-fp16-block", "int4pack-csr",
+                                  "int4pack-plain"])
 def test_fused_rows_equal_their_parts_and_share_their_memory(case):
     path = case.split("-")[0]
     if path == "int4pack" and not int4pack_available():
@@ -118,14 +119,18 @@ def test_fused_rows_equal_their_parts_and_share_their_memory(case):
                      outlier_format="block" if "block" in case else "csr")
     ratio = 0.0 if "plain" in case else 0.02
     rows = (128, 64, 64) if path == "int4pack" else (64, 128, 64)  # meta8: 64 x 2 groups = one meta group
+    width = 128
+    if "partial" in case:  # as SmolLM2's q/k/v: 9 groups a row, so the parts end inside 128-value meta groups
+        rows, width = (64, 32, 48), 576  # 576 and 288 scales: the fused layer decodes meta groups of 32
     dtype = torch.bfloat16 if path == "int4pack" else torch.float32
-    parts = [FastQuantLinear.from_quant_linear(_quant(n, 128, spec, seed=i, outliers=ratio if i != 1 else 0.0),
+    parts = [FastQuantLinear.from_quant_linear(_quant(n, width, spec, seed=i, outliers=ratio if i != 1 else 0.0),
                                                dtype=dtype, path=path) for i, n in enumerate(rows)]
-    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(9)).to(dtype)
+    x = torch.randn(3, width, generator=torch.Generator().manual_seed(9)).to(dtype)
     with torch.inference_mode():
         before = [p(x) for p in parts]
         fused = fuse_rows(parts)
         assert fused is not None and fused.path == path and fused.out_features == sum(rows)
+        assert fused.meta_group == (32 if "partial" in case else 128 if "meta8" in case else 0)
         torch.testing.assert_close(fused(x), torch.cat(before, -1), rtol=0, atol=0)
         for part, y in zip(parts, before, strict=True):  # the parts compute as before, on views of the fused codes
             torch.testing.assert_close(part(x), y, rtol=0, atol=0)
@@ -137,8 +142,8 @@ def test_fused_rows_equal_their_parts_and_share_their_memory(case):
 @needs_ext
 def test_rows_that_cannot_stack_are_not_fused():
     spec = LayerSpec(grid="rtn", bits=3, group_size=64, quant_meta=True)
-    # 8-bit metadata of 48 rows x 2 groups does not fill a 128-value meta group
-    parts = [FastQuantLinear.from_quant_linear(_quant(48, 128, spec, seed=i), path="packed") for i in range(2)]
+    # 8-bit metadata of 4 rows x 2 groups: sub-groups of 8 entries (below MIN_FUSED_META) would be needed
+    parts = [FastQuantLinear.from_quant_linear(_quant(4, 128, spec, seed=i), path="packed") for i in range(2)]
     assert fuse_rows(parts) is None
     other = FastQuantLinear.from_quant_linear(_quant(64, 128, LayerSpec(grid="rtn", bits=4, group_size=64), 3),
                                               path="packed")
