@@ -40,6 +40,9 @@ ROWS: dict[str, tuple[list[str] | None, str]] = {
     # speed does not depend on calibration size: 4 windows instead of the default 16 to save time
     "gwq 3-bit g64 meta8 + 0.99% outliers": (["--method", "gwq", "--outlier-format", "csr", "--outlier-ratio", "0.0099",
                                               "--calib-samples", "4"], "bfloat16"),
+    "gwq 3-bit g64 meta8 + 0.99% outliers, 8-bit head": (["--method", "gwq", "--outlier-format", "csr",
+                                                           "--outlier-ratio", "0.0099", "--calib-samples", "4"],
+                                                          "bfloat16"),
     # GWQ's default since session 7: 1.9% |g| outliers as block residuals (held as fp32 corrections at run time)
     "gwq 3-bit g64 meta8 + 1.9% block outliers": (["--method", "gwq", "--calib-samples", "4"], "bfloat16"),
     # the budget-exact SensiBoost + Fisher + GWQ plan that bench/alloc.py made for 3.60 bits/param (mixed 2-8 bits)

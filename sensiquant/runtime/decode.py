@@ -118,10 +118,14 @@ class LeanDecoder:
         positions = torch.arange(max_len, device=device).unsqueeze(0)
         probe = torch.zeros(1, dtype=torch.float32, device=device)
         cos, sin = inner.rotary_emb(probe, positions)
-        self.cos, self.sin = cos[0].float(), sin[0].float()  # (max_len, head_dim)
-        shape = (len(self.layers), 1, self.n_kv, max_len, self.head_dim)
+        self.cos, sin = cos[0].float(), sin[0].float()  # (max_len, head_dim)
+        half = self.head_dim // 2  # rotate_half(x) * sin == flip(x as (2, half)) * sin with its first half negated
+        self.sin_signed = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1).view(max_len, 1, 2, half)
+        self.cos = self.cos.view(max_len, 1, 2, half)
+        shape = (len(self.layers), self.n_kv, max_len, self.head_dim)
         self.keys = torch.zeros(shape, dtype=torch.float32, device=device)
         self.values = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.layer_cache = list(zip(self.keys.unbind(0), self.values.unbind(0), strict=True))  # views, made once
         self.length = 0
 
     # -- one forward ----------------------------------------------------------------------------------------------
@@ -131,12 +135,13 @@ class LeanDecoder:
         return F.rms_norm(h, (h.shape[-1],), weight, eps)
 
     def _rope(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """Rotary embedding of x (T, heads, head_dim) in fp32 at positions start..start+T-1."""
-        t = x.shape[0]
-        cos, sin = self.cos[start:start + t, None], self.sin[start:start + t, None]
-        half = self.head_dim // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
+        """Rotary embedding of x (T, heads, head_dim) in fp32 at positions start..start+T-1: x * cos +
+        rotate_half(x) * sin, with rotate_half as a flip of the two halves against a sign-folded sin (the same
+        products and sum, in four ops instead of seven)."""
+        t, heads, d = x.shape
+        x = x.view(t, heads, 2, d // 2)
+        end = start + t
+        return (x * self.cos[start:end] + x.flip(2) * self.sin_signed[start:end]).view(t, heads, d)
 
     def forward(self, ids: torch.Tensor, last_only: bool = True) -> torch.Tensor:
         """Logits (T or 1, vocab) of the 1-D ``ids`` appended at the current cache position."""
@@ -156,9 +161,10 @@ class LeanDecoder:
                 q = self._rope(layer["q"](x).float().view(t, nq, d), start)
                 k = self._rope(layer["k"](x).float().view(t, nkv, d), start)
                 v = layer["v"](x).float().view(t, nkv, d)
-            self.keys[i, 0, :, start:end] = k.transpose(0, 1)
-            self.values[i, 0, :, start:end] = v.transpose(0, 1)
-            keys, values = self.keys[i, 0, :, :end], self.values[i, 0, :, :end]
+            layer_keys, layer_values = self.layer_cache[i]
+            layer_keys[:, start:end] = k.transpose(0, 1)
+            layer_values[:, start:end] = v.transpose(0, 1)
+            keys, values = layer_keys[:, :end], layer_values[:, :end]
             if t == 1:  # one query: three small batched products beat SDPA's dispatch (query head j reads j // group)
                 scores = torch.matmul(q.view(nkv, nq // nkv, d), keys.transpose(1, 2))
                 attn = torch.matmul(torch.softmax(scores.mul_(self.scaling), dim=-1), values).view(1, nq * d)
