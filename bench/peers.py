@@ -88,7 +88,8 @@ def run_one(peer_name: str, setting: str, args) -> dict:
     for name, windows in ctx.windows.items():
         total, count = run.nll[name] if run.nll is not None else nll_of_windows(run.model, windows)
         row[f"ppl_{name}"] = math.exp(total / count)
-    row["eval_seconds"] = time.perf_counter() - start
+    # a peer that scores the windows itself (run.nll) reports that time in run.extra["eval_seconds"]
+    row["eval_seconds"] = run.extra.get("eval_seconds", 0.0) + time.perf_counter() - start
     if args.zeroshot_limit:
         row["zeroshot"] = _zeroshot(run, args.zeroshot_limit, args.data_dir)
     row["peak_rss_mb"] = peak_rss_mb()

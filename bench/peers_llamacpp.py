@@ -40,9 +40,10 @@ VERSION = "0.3.36"  # llama-cpp-python sdist that bench/peers_llamacpp_setup.sh 
 CACHE = Path(os.environ.get("SENSIQUANT_PEERS_CACHE", Path.home() / ".cache" / "sensiquant-peers"))
 BIN = CACHE / f"llama.cpp-{VERSION}" / "bin"
 SETUP = "bash bench/peers_llamacpp_setup.sh"
-# K-quants, then the i-quants (the IQ2/IQ1 types refuse to run without an importance matrix)
+# K-quants, then the i-quants (the IQ2/IQ1 types refuse to run without an importance matrix); IQ4_NL is the one
+# non-linear type with blocks of 32, which fits rows that are not a multiple of 256 (SmolLM2's 576, Qwen's 896)
 TYPES = ("Q4_K_M", "Q3_K_M", "Q3_K_S", "Q2_K", "Q4_0", "Q4_K_S", "Q2_K_S", "IQ4_XS", "IQ3_S", "IQ3_XXS", "IQ2_S",
-         "IQ2_XS", "IQ2_XXS")
+         "IQ2_XS", "IQ2_XXS", "IQ4_NL")
 BLOCK_LINEAR = re.compile(r"blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight")
 _ROWS = 256  # logits rows per log-softmax chunk (float64), to keep the memory of one window modest
 
@@ -259,12 +260,15 @@ def run(setting: str, ctx: PeerContext) -> PeerRun:
     """Quantize with a llama.cpp recipe (imatrix first when asked) and score the shared windows."""
     path, quantize_seconds, imatrix = _quantize(setting, ctx)
     nbytes, weights, types = block_linear_bits(path)
+    start = time.perf_counter()
     nll = window_nll(path, ctx.windows, ctx.threads)
+    eval_seconds = time.perf_counter() - start
     imatrix_seconds = float(imatrix.get("seconds", 0.0))
     return PeerRun(8 * nbytes / weights, weights, quantize_seconds + imatrix_seconds, nll=nll,
                    notes=f"llama-quantize {setting.partition('+')[0]} from an F32 GGUF of the shipped weights; "
                          f"block linear types {types}",
                    extra={"file_bytes": path.stat().st_size, "imatrix_seconds": imatrix_seconds,
+                          "eval_seconds": eval_seconds,
                           "llama_quantize_seconds": quantize_seconds, "imatrix_chunks": imatrix.get("chunks"),
                           "tensor_types": tensor_types(path)})
 

@@ -172,6 +172,13 @@ def zeroshot_quantized_table(data: dict, peers: dict | None = None) -> str:
     return "\n".join(lines)
 
 
+def _eval_seconds(row: dict) -> str:
+    """A peer row's evaluation time; "-" for llama.cpp rows from before its adapter timed its own scoring."""
+    if row["eval_seconds"] < 0.01:
+        return "-"
+    return f"{row['eval_seconds']:.1f}{_shared(row)}"
+
+
 def peers_table(data: dict) -> str:
     """Every peer and setting: bits/param, PPL on both sets, ratios to sensiquant's nearest-size row, time, RSS."""
     lines = [f"{data['model']}, first {data['max_windows']} windows of {data['seqlen']} tokens of WikiText-2 test and "
@@ -186,8 +193,10 @@ def peers_table(data: dict) -> str:
             lines.append(f"| {name} | {r['setting']} | failed: {r['error'][:200]} | | | | | |")
         else:
             lines.append(f"| {name} | {r['setting']} | {r['bits_per_param']:.3f} | {r['ppl_wikitext2']:.2f} | "
-                         f"{r['ppl_c4']:.2f} | {r['quantize_seconds']:.1f} | {r['eval_seconds']:.1f} | "
-                         f"{r['peak_rss_mb']:.0f} |")
+                         f"{r['ppl_c4']:.2f} | {r['quantize_seconds']:.1f}{_shared(r)} | "
+                         f"{_eval_seconds(r)} | {r['peak_rss_mb']:.0f} |")
+    if any(_shared(r) for r in data["rows"]):
+        lines += ["", SHARED_FOOTNOTE]
     return "\n".join(lines)
 
 
