@@ -118,10 +118,10 @@ class LeanDecoder:
         positions = torch.arange(max_len, device=device).unsqueeze(0)
         probe = torch.zeros(1, dtype=torch.float32, device=device)
         cos, sin = inner.rotary_emb(probe, positions)
-        self.cos, sin = cos[0].float(), sin[0].float()  # (max_len, head_dim)
+        cos, sin = cos[0].float(), sin[0].float()  # (max_len, head_dim)
         half = self.head_dim // 2  # rotate_half(x) * sin == flip(x as (2, half)) * sin with its first half negated
+        self.cos = cos.view(max_len, 1, 2, half)
         self.sin_signed = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1).view(max_len, 1, 2, half)
-        self.cos = self.cos.view(max_len, 1, 2, half)
         shape = (len(self.layers), self.n_kv, max_len, self.head_dim)
         self.keys = torch.zeros(shape, dtype=torch.float32, device=device)
         self.values = torch.zeros(shape, dtype=torch.float32, device=device)

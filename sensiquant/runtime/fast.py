@@ -393,6 +393,7 @@ def fuse_rows(layers: list[nn.Module]) -> nn.Module | None:
     if not all(isinstance(layer, FastQuantLinear) for layer in layers) or \
             len({(layer.spec, layer.path, layer.dtype) for layer in layers}) != 1 or first.path == "dequant":
         return None
+    meta = sub = 0  # packed layers with 8-bit metadata: the parts' meta group and the fused layer's
     if first.path == "int4pack":
         if any(n % 64 for n in rows[:-1]):
             return None
@@ -407,7 +408,7 @@ def fuse_rows(layers: list[nn.Module]) -> nn.Module | None:
     fused = FastQuantLinear(first.in_features, sum(rows), first.spec, first.path, first.dtype,
                             _cat_bias(layers, first.dtype))
     fused.kernel_name, fused.kernel_group = first.kernel_name, first.kernel_group
-    if first.path == "packed" and meta:
+    if sub:
         fused.meta_group = sub
         for name in ("scale_qscale", "scale_qzero", "zero_qscale", "zero_qzero"):
             fused.register_buffer(name, torch.cat([_split_meta(getattr(layer, name), layer.scale_q.numel(), meta, sub)
