@@ -64,6 +64,8 @@ class Peer:
     version: Callable[[], str] = lambda: ""
     # the interpreter its settings run with, for a tool that needs its own environment (None: this one)
     python: Callable[[], str] | None = None
+    # settings it runs only when --settings names them (variants too many to run by default, e.g. llama.cpp --pure)
+    optional: list[str] = field(default_factory=list)
 
 
 def module_bytes(module: torch.nn.Module) -> int:

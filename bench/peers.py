@@ -139,6 +139,11 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown peers {unknown}: choose from {', '.join(peers)}")
     only = {s.strip() for s in args.settings.split(",")} if args.settings else None
+    if only:
+        known = {s for name in wanted for s in [*peers[name].settings, *peers[name].optional]}
+        if only - known:
+            raise SystemExit(f"unknown settings {sorted(only - known)} for peers {', '.join(wanted)}: choose from "
+                             f"{', '.join(sorted(known))}")
     path = Path(args.out)
     data = json.loads(path.read_text()) if path.is_file() and not args.no_resume else {}
     # failed rows stay on record until their setting runs again; unavailable lines are re-checked every run
@@ -159,7 +164,7 @@ def main() -> None:
             save()
             continue
         version = peer.version()
-        for setting in peer.settings:
+        for setting in [*peer.settings, *(s for s in peer.optional if only and s in only)]:
             if (name, setting) in done or (only and setting not in only):
                 continue
             extra = ["--model", args.model, "--max-windows", str(args.max_windows), "--seqlen", str(args.seqlen),

@@ -315,4 +315,4 @@ def _version() -> str:
 
 
 SETTINGS = [f"{qtype}{extra}" for qtype in TYPES for extra in ("", "+imatrix")]
-PEERS = [Peer("llama.cpp", SETTINGS, available, run, _version)]
+PEERS = [Peer("llama.cpp", SETTINGS, available, run, _version, optional=[f"{s}+pure" for s in SETTINGS])]

@@ -53,3 +53,26 @@ def test_autoround_bits_count_its_packed_export():
 
     assert _export_bits(16, 576, 3, 128) == 16 * 576 * 3 + 16 * 5 * (16 + 3)  # 576 = 4 x 128 + 64: 5 groups
     assert _export_bits(8, 256, 4, 128) / (8 * 256) == 4 + 20 / 128
+
+
+def test_unknown_settings_are_refused_in_one_line(monkeypatch, tmp_path):
+    """A setting no chosen peer knows (a typo, or a variant of another peer) stops the run before any row."""
+    import sys
+
+    import pytest
+
+    from bench import peers
+
+    out = tmp_path / "p.json"
+    monkeypatch.setattr(sys, "argv", ["peers", "--peers", "sensiquant", "--settings", "gwq,IQ4_NL+pure",
+                                      "--out", str(out)])
+    with pytest.raises(SystemExit, match=r"unknown settings \['IQ4_NL\+pure'\] for peers sensiquant"):
+        peers.main()
+    assert not out.exists()
+
+
+def test_llamacpp_pure_variants_run_only_when_named():
+    from bench.peers_llamacpp import PEERS
+
+    (peer,) = PEERS
+    assert "IQ4_NL+imatrix+pure" in peer.optional and not any(s.endswith("+pure") for s in peer.settings)
