@@ -144,6 +144,8 @@ def zeroshot_quantized_table(data: dict, peers: dict | None = None) -> str:
     mean over tasks, and the mean's change against the base with the paired standard error (the same examples).
     ``peers``: a peers results file whose rows were scored with ``--zeroshot-limit`` (rows after sensiquant's)."""
     runs = list({**data["runs"], **peer_zeroshot_runs(peers or {})}.items())
+    if not runs:
+        return "No model scored with zero-shot tasks yet."
     runs.sort(key=lambda item: "bits_per_param" in item[1])  # the base (no bits/param) first, the rest in run order
     tasks = list(dict.fromkeys(t for _, run in runs for t in run["tasks"]))
     base = next((run for _, run in runs if "bits_per_param" not in run), None)
@@ -285,7 +287,8 @@ TABLES = {"foundation": ("foundation.json", foundation_table), "hqq_parity": ("h
           "zeroshot": ("zeroshot.json", zeroshot_table),
           "zeroshot_quantized": ("zeroshot_quantized.json", lambda data: zeroshot_quantized_table(
               data, json.loads((HERE / "results" / "peers.json").read_text()))),
-          "peers": ("peers.json", peers_table),
+          "peers": ("peers.json", peers_table), "peers_qwen": ("peers_qwen.json", peers_table),
+          "zeroshot_qwen": ("peers_qwen.json", lambda data: zeroshot_quantized_table({"runs": {}}, data)),
           "speed": ("speed.json", speed_table), "speed_avx2": ("speed_avx2.json", speed_table),
           "plan_budget": ("plan_budget.json", plan_budget_table)}
 

@@ -43,13 +43,18 @@ ROWS: dict[str, tuple[list[str] | None, str]] = {
     "gwq 3-bit g64 meta8 + 0.99% outliers, 8-bit head": (["--method", "gwq", "--outlier-format", "csr",
                                                            "--outlier-ratio", "0.0099", "--calib-samples", "4"],
                                                           "bfloat16"),
+    # the same with the packed layers' inputs rounded to int8 per block of 32 (bench-speed --act8), as llama.cpp does
+    "gwq 3-bit g64 meta8 + 0.99% outliers, 8-bit head, int8 x": (["--method", "gwq", "--outlier-format", "csr",
+                                                                  "--outlier-ratio", "0.0099", "--calib-samples", "4"],
+                                                                 "bfloat16"),
     # GWQ's default since session 7: 1.9% |g| outliers as block residuals (held as fp32 corrections at run time)
     "gwq 3-bit g64 meta8 + 1.9% block outliers": (["--method", "gwq", "--calib-samples", "4"], "bfloat16"),
     # the budget-exact SensiBoost + Fisher + GWQ plan that bench/alloc.py made for 3.60 bits/param (mixed 2-8 bits)
     "plan at 3.60 bits/param": (["--plan", str(RESULTS / "alloc_plans" /
                                               "bpp3.60-sensiboost_exact_fisher_plusgwq.json")], "bfloat16"),
 }
-SPEED_ARGS = {"widened to 4 bits": ["--widen"], "8-bit head": ["--head-bits", "8"], "4-bit head": ["--head-bits", "4"]}
+SPEED_ARGS = {"widened to 4 bits": ["--widen"], "8-bit head": ["--head-bits", "8"], "4-bit head": ["--head-bits", "4"],
+              "8-bit head, int8 x": ["--head-bits", "8", "--act8"]}
 LLAMA_CPP = ("Q4_K_M", "Q3_K_M")
 # --isa avx2 on an AVX-512 CPU: our extension, PyTorch's kernels (int4pack, attention) and oneDNN's matmuls all
 # limited to AVX2, to measure what an AVX2-only CPU gets (llama.cpp keeps its own build)

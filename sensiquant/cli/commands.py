@@ -337,7 +337,7 @@ def cmd_generate(args) -> dict:
     model, tokenizer, info = _inference(args)
     ids = tokenizer(args.prompt, return_tensors="pt").input_ids
     generate, info["decoder"] = generator(model, args.decoder, max_len=ids.shape[1] + args.max_new_tokens,
-                                          head_bits=args.head_bits)
+                                          head_bits=args.head_bits, act8=args.act8)
     tokens, prefill, decode = generate(ids, args.max_new_tokens)
     text = tokenizer.decode(tokens, skip_special_tokens=True)
     return {**info, "prompt": args.prompt, "completion": text, "tokens": tokens,
@@ -349,7 +349,7 @@ def cmd_bench_speed(args) -> dict:
 
     model, tokenizer, info = _inference(args)
     result = measure_speed(model, tokenizer, args.prompt_tokens, args.new_tokens, data_dir=args.data_dir,
-                           decoder=args.decoder, head_bits=args.head_bits)
+                           decoder=args.decoder, head_bits=args.head_bits, act8=args.act8)
     return {**info, **result.to_dict()}
 
 

@@ -251,6 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
         r.add_argument("--head-bits", type=int, choices=HEAD_BITS, default=None,
                        help="lean decoder: run the output head as an RTN-quantized copy at these bits (default: the "
                             "head as loaded)")
+        r.add_argument("--act8", action="store_true",
+                       help="lean decoder: round the inputs of packed 2-4-bit layers to int8 per block of 32 and sum "
+                            "their products in integers, as llama.cpp's K-quants do (x86 AVX2/AVX-512; default off: "
+                            "exact inputs)")
         r.add_argument("--threads", type=POSITIVE, default=None, help="torch threads (default: all cores)")
         _add_common(r, data=command == "bench-speed")
     return parser

@@ -5,16 +5,21 @@ concatenates keys and values on every step, mask construction, hooks, and a modu
 reads the model's own modules once (norm weights, projections: ``nn.Linear``, ``QuantLinear`` or
 ``FastQuantLinear`` alike, rotary tables) and runs each step as a fixed sequence of tensor ops:
 
-* keys and values go into preallocated fp32 tensors (attention is computed in fp32 on the CPU, see
-  :mod:`sensiquant.runtime.attention`), written in place; nothing is concatenated;
+* keys and values go into preallocated tensors in the model dtype (as transformers' cache holds them; at batch 1
+  attention reads the whole cache every step, so a bf16 cache halves the bytes it reads), written in place;
+  nothing is concatenated; scores and softmax are computed in fp32;
 * the query, key and value projections of a layer run as one fused product when the three layers allow it
   (:func:`sensiquant.runtime.fast.fuse_rows`), and so do the gate and up projections;
 * the rotary tables are computed once for the whole cache length;
+* the packed kernels are called directly (:meth:`~sensiquant.runtime.fast.FastQuantLinear.decode_fn`), not
+  through the module call;
 * optionally (``head_bits``) the output head runs as an RTN-quantized copy (8 or 4 bits, groups of 64): at batch 1
-  the vocabulary-sized head is the largest single matmul of a small model; the embedding lookup keeps the original.
+  the vocabulary-sized head is the largest single matmul of a small model; the embedding lookup keeps the original;
+* optionally (``act8``) the packed 2-4-bit layers round their input to int8 per block of 32 and sum the code
+  products in integers (:attr:`FastQuantLinear.act8`, as llama.cpp's K-quants do with their activations).
 
-Numerics follow transformers' (RMSNorm computed in fp32, residual stream in the model dtype); rotary and attention
-run in fp32, so logits equal transformers' up to the rounding of the model dtype (the suite checks fp32 models to 1e-4
+Numerics follow transformers' (RMSNorm computed in fp32, residual stream and cache in the model dtype); rotary runs in
+fp32, so logits equal transformers' up to the rounding of the model dtype (the suite checks fp32 models to 1e-4
 and greedy tokens of bf16 checkpoints). Architectures beyond the plain decoder raise :class:`LeanDecodeError`.
 """
 
@@ -32,6 +37,7 @@ ARCHITECTURES = ("llama", "qwen2", "mistral")
 ROPE_TYPES = ("default", "linear", "llama3")  # tables that do not depend on the sequence length
 HEAD_BITS = (8, 4)
 HEAD_GROUP = 64
+PROJECTIONS = ("qkv", "q", "k", "v", "o", "gate_up", "gate", "up", "down")
 
 
 class LeanDecodeError(SensiquantError):
@@ -76,6 +82,21 @@ def quantized_head(head: nn.Module, bits: int, dtype: torch.dtype) -> nn.Module:
     return FastQuantLinear.from_quant_linear(qlinear, dtype=dtype)
 
 
+def _direct(layer: nn.Module | None, act8: bool):
+    """``layer`` as the callable the decode loop runs: a packed layer's kernel directly (with int8 inputs when
+    ``act8``; the layer itself is not changed), a plain linear as ``F.linear``, anything else as the module."""
+    from .fast import FastQuantLinear
+
+    if layer is None:
+        return None
+    if isinstance(layer, FastQuantLinear):
+        return layer.decode_fn(act8=act8 or None)
+    if type(layer) is nn.Linear:
+        weight, bias = layer.weight, layer.bias
+        return lambda x: F.linear(x, weight, bias)
+    return layer
+
+
 class LeanDecoder:
     """Greedy batch-1 decoding of ``model`` with a static KV cache of ``max_len`` positions.
 
@@ -83,7 +104,8 @@ class LeanDecoder:
     references to the model's weights; fused projections take the place of their parts, which become views of them
     (:func:`~sensiquant.runtime.fast.fuse_rows`), so the model runs on unchanged and nothing is held twice."""
 
-    def __init__(self, model: nn.Module, max_len: int = 2048, fuse: bool = True, head_bits: int | None = None):
+    def __init__(self, model: nn.Module, max_len: int = 2048, fuse: bool = True, head_bits: int | None = None,
+                 act8: bool = False):
         reason = unsupported_reason(model)
         if reason is not None:
             raise LeanDecodeError(f"the lean decode path cannot run this model: {reason}")
@@ -114,6 +136,10 @@ class LeanDecoder:
                 "gate_up": gate_up, "gate": m.gate_proj, "up": m.up_proj, "down": m.down_proj})
         self.fused = sum(layer["qkv"] is not None for layer in self.layers) + \
             sum(layer["gate_up"] is not None for layer in self.layers)
+        self.act8 = act8
+        # what forward calls: the same products as direct kernel calls
+        self.calls = [{key: _direct(layer[key], act8) for key in PROJECTIONS} for layer in self.layers]
+        self.head_call = _direct(self.head, act8)
         device = self.embed.device
         positions = torch.arange(max_len, device=device).unsqueeze(0)
         probe = torch.zeros(1, dtype=torch.float32, device=device)
@@ -123,8 +149,8 @@ class LeanDecoder:
         self.cos = cos.view(max_len, 1, 2, half)
         self.sin_signed = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1).view(max_len, 1, 2, half)
         shape = (len(self.layers), self.n_kv, max_len, self.head_dim)
-        self.keys = torch.zeros(shape, dtype=torch.float32, device=device)
-        self.values = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.keys = torch.zeros(shape, dtype=self.dtype, device=device)
+        self.values = torch.zeros(shape, dtype=self.dtype, device=device)
         self.layer_cache = list(zip(self.keys.unbind(0), self.values.unbind(0), strict=True))  # views, made once
         self.length = 0
 
@@ -151,40 +177,42 @@ class LeanDecoder:
             raise LeanDecodeError(f"the static cache holds {self.max_len} positions; {end} were asked for")
         nq, nkv, d = self.n_heads, self.n_kv, self.head_dim
         h = self.embed[ids]  # (T, hidden) in the model dtype
-        for i, layer in enumerate(self.layers):
+        for i, (layer, call) in enumerate(zip(self.layers, self.calls, strict=True)):
             x = self._norm(h, layer["norm1"])
-            if layer["qkv"] is not None:
-                qkv = layer["qkv"](x).float().view(t, nq + 2 * nkv, d)
+            if call["qkv"] is not None:
+                qkv = call["qkv"](x).float().view(t, nq + 2 * nkv, d)
                 qk, v = self._rope(qkv[:, :nq + nkv], start), qkv[:, nq + nkv:]
                 q, k = qk[:, :nq], qk[:, nq:]
             else:
-                q = self._rope(layer["q"](x).float().view(t, nq, d), start)
-                k = self._rope(layer["k"](x).float().view(t, nkv, d), start)
-                v = layer["v"](x).float().view(t, nkv, d)
+                q = self._rope(call["q"](x).float().view(t, nq, d), start)
+                k = self._rope(call["k"](x).float().view(t, nkv, d), start)
+                v = call["v"](x).float().view(t, nkv, d)
             layer_keys, layer_values = self.layer_cache[i]
             layer_keys[:, start:end] = k.transpose(0, 1)
             layer_values[:, start:end] = v.transpose(0, 1)
             keys, values = layer_keys[:, :end], layer_values[:, :end]
+            q = q.to(keys.dtype)
             if t == 1:  # one query: three small batched products beat SDPA's dispatch (query head j reads j // group)
-                scores = torch.matmul(q.view(nkv, nq // nkv, d), keys.transpose(1, 2))
-                attn = torch.matmul(torch.softmax(scores.mul_(self.scaling), dim=-1), values).view(1, nq * d)
+                scores = torch.matmul(q.view(nkv, nq // nkv, d), keys.transpose(1, 2)).float()
+                probs = torch.softmax(scores.mul_(self.scaling), dim=-1).to(values.dtype)
+                attn = torch.matmul(probs, values).view(1, nq * d)
             else:
                 attn = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), keys[None], values[None],
                                                       is_causal=start == 0,
                                                       attn_mask=self._mask(t, start) if start else None,
                                                       scale=self.scaling, enable_gqa=nkv != nq)
                 attn = attn[0].transpose(0, 1).reshape(t, nq * d)
-            h = h + layer["o"](attn.to(h.dtype))
+            h = h + call["o"](attn.to(h.dtype))
             x = self._norm(h, layer["norm2"])
-            if layer["gate_up"] is not None:
-                gate, up = layer["gate_up"](x).chunk(2, dim=-1)
+            if call["gate_up"] is not None:
+                gate, up = call["gate_up"](x).chunk(2, dim=-1)
             else:
-                gate, up = layer["gate"](x), layer["up"](x)
-            h = h + layer["down"](F.silu(gate) * up)
+                gate, up = call["gate"](x), call["up"](x)
+            h = h + call["down"](F.silu(gate) * up)
         self.length = end
         if last_only:
             h = h[-1:]
-        return self.head(self._norm(h, self.final_norm))
+        return self.head_call(self._norm(h, self.final_norm))
 
     def _mask(self, t: int, start: int) -> torch.Tensor:
         device = self.keys.device

@@ -128,6 +128,10 @@ class FastQuantLinear(nn.Module):
     ``kernel_name`` names the kernel actually run (``dequant`` says the C++ extension was unavailable).
     """
 
+    # packed path, at most GEMV_MAX_ROWS rows of x (decode), 2-4-bit codes: round x to int8 per block of 32 and sum
+    # the code products in integers (computes with that rounded x). Off by default; see LeanDecoder(act8=True)
+    act8: bool = False
+
     def __init__(self, in_features: int, out_features: int, spec, path: str, dtype: torch.dtype,
                  bias: torch.Tensor | None = None):
         super().__init__()
@@ -257,6 +261,18 @@ class FastQuantLinear(nn.Module):
             y = F.linear(x2, self.dequantize(x2.dtype), self._bias(x2.dtype))
         return y.reshape(*shape[:-1], self.out_features)
 
+    def decode_fn(self, act8: bool | None = None):
+        """A callable ``x2 -> y`` for contiguous 2-D ``x2`` in a compute dtype: up to ``GEMV_MAX_ROWS`` rows (batch-1
+        decode) call the kernel directly, without the module call and the checks of ``forward`` (about 6 us per
+        call, more than a small layer's product); more rows go through ``forward``. ``act8`` overrides
+        :attr:`act8` for this callable (the layer is not changed)."""
+        if self.path != "packed":
+            return self.forward
+        op, args, bias = torch.ops.sensiquant.packed_gemv.default, self._kernel_args()[0], self.bias
+        act8 = self.act8 if act8 is None else act8
+        forward = self.forward
+        return lambda x2: op(x2, *args, bias, act8) if x2.shape[0] <= GEMV_MAX_ROWS else forward(x2)
+
     def _bias(self, dtype: torch.dtype) -> torch.Tensor | None:
         return None if self.bias is None else self.bias.to(dtype)
 
@@ -264,7 +280,7 @@ class FastQuantLinear(nn.Module):
         if x2.shape[0] == 0:
             return x2.new_zeros(0, self.out_features)
         if x2.shape[0] <= GEMV_MAX_ROWS:
-            return torch.ops.sensiquant.packed_gemv(x2, *self._kernel_args()[0], self.bias)
+            return torch.ops.sensiquant.packed_gemv(x2, *self._kernel_args()[0], self.bias, self.act8)
         # prefill: the layer dequantized into this thread's workspace (one layer at a time), then a dense matmul
         weight = _workspace(self.out_features * self.in_features, x2.dtype).view(self.out_features, self.in_features)
         torch.ops.sensiquant.packed_dequant_into(weight, *self._kernel_args()[1])

@@ -29,6 +29,7 @@ class SpeedResult:
     threads: int
     decoder: str = "transformers"
     head_bits: int | None = None
+    act8: bool = False
     generated: list[int] = field(default_factory=list, repr=False)
 
     def to_dict(self, with_tokens: bool = False) -> dict:
@@ -82,37 +83,40 @@ DECODERS = ("auto", "lean", "transformers")
 DEFAULT_DECODER = "auto"  # the lean path where it runs the model, else transformers' forward
 
 
-def generator(model, decoder: str = DEFAULT_DECODER, max_len: int = 2048, head_bits: int | None = None):
+def generator(model, decoder: str = DEFAULT_DECODER, max_len: int = 2048, head_bits: int | None = None,
+              act8: bool = False):
     """(generate, name): a function with :func:`greedy_generate`'s contract (model bound) and the decoder it runs.
 
     ``lean`` is :class:`~sensiquant.runtime.decode.LeanDecoder` (static cache of ``max_len`` positions; raises
     :class:`~sensiquant.runtime.decode.LeanDecodeError` for models it does not run), ``transformers`` the model's
     own forward with its dynamic cache, ``auto`` the lean one when it runs the model. ``head_bits`` (lean only)
-    runs the output head as an RTN-quantized copy."""
+    runs the output head as an RTN-quantized copy; ``act8`` (lean only) rounds the packed layers' inputs to int8."""
     from .decode import LeanDecodeError, LeanDecoder, unsupported_reason
 
     if decoder not in DECODERS:
         raise SensiquantError(f"unknown decoder {decoder!r}: choose one of {', '.join(DECODERS)}")
     lean = decoder == "lean" or (decoder == "auto" and unsupported_reason(model) is None)
-    if head_bits is not None and not lean:
+    if (head_bits is not None or act8) and not lean:
         reason = "--decoder transformers" if decoder == "transformers" else unsupported_reason(model)
-        raise LeanDecodeError(f"a quantized head needs the lean decode path ({reason})")
+        what = "a quantized head" if head_bits is not None else "int8 inputs (act8)"
+        raise LeanDecodeError(f"{what} needs the lean decode path ({reason})")
     if lean:
-        return LeanDecoder(model, max_len=max_len, head_bits=head_bits).generate, "lean"
+        return LeanDecoder(model, max_len=max_len, head_bits=head_bits, act8=act8).generate, "lean"
     return (lambda ids, n: greedy_generate(model, ids, n)), "transformers"
 
 
 def measure_speed(model, tokenizer, prompt_tokens: int = 512, new_tokens: int = 128, text: str | None = None,
                   warmup: bool = True, data_dir=None, decoder: str = DEFAULT_DECODER,
-                  head_bits: int | None = None) -> SpeedResult:
+                  head_bits: int | None = None, act8: bool = False) -> SpeedResult:
     """Prefill and decode speed at batch 1 (the decode rate counts the new_tokens - 1 cached steps)."""
     if new_tokens < 2:
         raise SensiquantError(f"new tokens must be at least 2, got {new_tokens}")
     model.eval()
     ids = prompt_ids(tokenizer, prompt_tokens, text, data_dir)
-    generate, name = generator(model, decoder, max_len=prompt_tokens + new_tokens, head_bits=head_bits)
+    generate, name = generator(model, decoder, max_len=prompt_tokens + new_tokens, head_bits=head_bits, act8=act8)
     if warmup:  # first calls pay for kernel selection, weight repacking caches, lazy pages
         generate(ids[:, : min(32, prompt_tokens)], 4)
     tokens, prefill, decode = generate(ids, new_tokens)
     return SpeedResult(prompt_tokens, new_tokens, prefill, decode, prompt_tokens / prefill,
-                       (new_tokens - 1) / decode, peak_rss_mb(), torch.get_num_threads(), name, head_bits, tokens)
+                       (new_tokens - 1) / decode, peak_rss_mb(), torch.get_num_threads(), name, head_bits, act8,
+                       tokens)

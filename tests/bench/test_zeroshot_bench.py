@@ -63,3 +63,6 @@ def test_peer_rows_scored_with_zero_shot_join_the_table():
     table = zeroshot_quantized_table({"runs": {"base": base}}, peers)
     assert "| spqr w3g32 | 3.610 | 30.00 | 60.00 | 0.750 ± 0.290 | 0.7500 | +25.00 ± 25.00 pts |" in table
     assert "llama.cpp" not in table
+    # a model without zero-shot rows yet (the second model's peers file) says so instead of an empty table
+    assert zeroshot_quantized_table({"runs": {}}, {"max_windows": 8, "rows": peers["rows"][1:]}) == \
+        "No model scored with zero-shot tasks yet."

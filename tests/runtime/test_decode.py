@@ -197,3 +197,30 @@ def test_a_quantized_head_stays_close_and_needs_the_lean_path(tiny_llama, capsys
     assert main(["bench-speed", str(tiny_llama), "--prompt-tokens", "8", "--new-tokens", "3", "--head-bits", "8",
                  "--decoder", "transformers"]) == 2
     assert "needs the lean decode path" in capsys.readouterr().err
+
+
+@needs_ext
+def test_act8_decode_stays_close_and_leaves_the_model_exact(tmp_path, tiny_llama):
+    """LeanDecoder(act8=True) rounds the packed layers' inputs to int8 per block: logits move a little (as a
+    llama.cpp K-quant's do), the greedy tokens of the first steps agree, and the model's own layers stay exact."""
+    model, tok = load_model(str(tiny_llama))
+    config = QuantConfig(default=LayerSpec(grid="hqq", bits=3, group_size=64, quant_meta=True))
+    save_quantized(model, tok, tmp_path / "q", config, quantize_model(model, config, progress=False))
+    fast, _ = load_model(str(tmp_path / "q"))
+    convert_to_fast(fast, dtype=torch.float32)
+    ids = torch.randint(0, 256, (24,), generator=torch.Generator().manual_seed(7))
+    with torch.inference_mode():
+        exact = LeanDecoder(fast, max_len=24)
+        exact.forward(ids[:16])
+        ref = torch.cat([exact.forward(ids[i:i + 1]) for i in range(16, 24)])
+        rounded = LeanDecoder(fast, max_len=24, act8=True)
+        rounded.forward(ids[:16])
+        got = torch.cat([rounded.forward(ids[i:i + 1]) for i in range(16, 24)])
+        assert not any(m.act8 for m in fast.modules() if isinstance(m, FastQuantLinear))
+        again = LeanDecoder(fast, max_len=24)
+        again.forward(ids[:16])
+        torch.testing.assert_close(again.forward(ids[16:17]), ref[:1], rtol=0, atol=0)
+    relative = ((got - ref).norm() / ref.norm()).item()
+    assert 0 < relative < 0.05, relative
+    assert LeanDecoder(fast, max_len=40, act8=True).generate(ids[None, :20], 6)[0][:3] == \
+        LeanDecoder(fast, max_len=40).generate(ids[None, :20], 6)[0][:3]

@@ -23,7 +23,13 @@ from sensiquant.pipeline import QuantConfig, quantize_model
 from sensiquant.runtime import QuantLinear, fast
 from sensiquant.runtime import extension as kernels
 from sensiquant.runtime.fast import FastQuantLinear, choose_path, convert_to_fast, quant_weight_bytes
-from sensiquant.runtime.layout import from_kernel_layout, kernel_group, padded_in_features, to_kernel_layout
+from sensiquant.runtime.layout import (
+    from_kernel_layout,
+    group_widths,
+    kernel_group,
+    padded_in_features,
+    to_kernel_layout,
+)
 
 HAS_EXT = kernels.extension_available()
 needs_ext = pytest.mark.skipif(not HAS_EXT, reason=f"C++ extension unavailable: {kernels.extension_error()}")
@@ -437,3 +443,51 @@ def test_convert_to_fast_bf16_casts_the_rest(tiny_llama):
     # bf16 activations through 2 layers: a few bf16 ulps of the logit scale, and the same top token nearly always
     assert (got.float() - ref).abs().max().item() <= 0.1 * ref.abs().max().item()
     assert (got.float().argmax(-1) == ref.argmax(-1)).float().mean().item() >= 0.75
+
+
+def _round_x_per_block(x: torch.Tensor, in_f: int, group: int | None) -> torch.Tensor:
+    """x rounded as the act8 GEMV rounds it: per block of 32 columns inside each group, int8 with scale max|x|/127."""
+    out = torch.zeros_like(x)
+    start = 0
+    for width in group_widths(in_f, group):
+        for b in range(start, start + width, 32):
+            seg = x[:, b:min(b + 32, start + width)]
+            d = seg.abs().amax(dim=1, keepdim=True) / 127
+            out[:, b:b + seg.shape[1]] = torch.where(d > 0, torch.round(seg / d).clamp(-127, 127) * d, 0.0)
+        start += width
+    return out
+
+
+@needs_ext
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group, quant_meta, outliers", [(64, True, 0.03), (48, False, 0.0), (None, False, 0.03)])
+def test_act8_gemv_is_the_product_of_the_int8_rounded_x(bits, group, quant_meta, outliers):
+    """act8 computes y = x~ W^T for x rounded to int8 per block of 32 (the vector and portable loops agree), leaves
+    8-bit layers and more than GEMV_MAX_ROWS rows exact, and is off unless asked for."""
+    q = _layer(48, 176, bits, group, quant_meta=quant_meta, outliers=outliers)
+    layer = FastQuantLinear.from_quant_linear(q, dtype=torch.float32, path="packed")
+    assert not layer.act8
+    x = torch.randn(2, 176, generator=torch.Generator().manual_seed(5))
+    x_round = _round_x_per_block(x, 176, group)
+    ref = _reference(x_round, q)
+    tol = _tolerance(x_round, q, torch.float32) * 2
+    got = {}
+    for generic in (False, True):
+        prev = torch.ops.sensiquant.set_generic(generic)
+        try:
+            with torch.no_grad():
+                got[generic] = layer.decode_fn(act8=True)(x)
+        finally:
+            torch.ops.sensiquant.set_generic(prev)
+    if torch.ops.sensiquant.isa() in ("avx512+bf16", "avx512", "avx2"):
+        for y in got.values():
+            assert bool(((y - ref).abs() <= tol).all()), (y - ref).abs().max()
+        assert not torch.equal(got[False], _reference(x, q))  # x really was rounded
+    with torch.no_grad():  # the module itself stayed exact, and so do prefill-sized inputs of the direct call
+        assert bool(((layer(x) - _reference(x, q)).abs() <= _tolerance(x, q, torch.float32)).all())
+        x8 = torch.randn(8, 176, generator=torch.Generator().manual_seed(6))
+        assert bool(((layer.decode_fn(act8=True)(x8) - _reference(x8, q)).abs()
+                     <= _tolerance(x8, q, torch.float32)).all())
+    eight = FastQuantLinear.from_quant_linear(_layer(48, 176, 8, group), dtype=torch.float32, path="packed")
+    with torch.no_grad():
+        torch.testing.assert_close(eight.decode_fn(act8=True)(x), eight(x), rtol=0, atol=0)

@@ -389,6 +389,8 @@ struct GemvCtx {
   const float* bias;  // (N) or nullptr
   float* y;  // (M, N) fp32
   int64_t M;
+  const int8_t* xq = nullptr;  // act8: (M, Kp) x rounded to int8 per block of 32 (see prepare_x_q8), else nullptr
+  const float* xd = nullptr;   // act8: (M, blocks) the blocks' scales
 
   inline void decode_row(int64_t n, float* s, float* z) const {
     scale.decode_range(n * geo.G, geo.G, s);
@@ -670,8 +672,135 @@ void gemv_avx512bf16(const GemvCtx& c, int64_t n0, int64_t n1) {
 }
 #endif
 
+// ---------------------------------------------------------------------------------------------------------------
+// act8 (2-4-bit codes): x rounded to int8 per block of 32 columns, xq = round(x / d) with d = max|x| / 127 (as
+// llama.cpp rounds its activations for its K-quants), the per-block code dot products summed in integers. Every
+// ISA computes the same integer sums; the result is the GEMV of the rounded x~ = d * xq, to fp32 rounding.
+// act8 runs where the CPU has byte dot products worth using (x86 AVX2 / AVX-512); elsewhere packed_gemv ignores it
+constexpr bool kAct8 =
+#if defined(SQ_AVX512) || defined(SQ_AVX2)
+    true;
+#else
+    false;
+#endif
+
+template <int BITS, int MM>
+void gemv_q8_generic(const GemvCtx& c, int64_t n0, int64_t n1) {
+  const Geometry& geo = c.geo;
+  const int64_t Kp = geo.padded();
+  std::vector<float> s(geo.G), z(geo.G);
+  alignas(64) uint8_t q[32];
+  for (int64_t n = n0; n < n1; ++n) {
+    c.decode_row(n, s.data(), z.data());
+    const uint8_t* row = c.codes + n * c.row_bytes;
+    float acc[MM] = {};
+    for (int64_t g = 0; g < geo.G; ++g) {
+      float part[MM] = {};
+      const int64_t b0 = geo.block_start(g), b1 = b0 + geo.nblocks(g);
+      for (int64_t b = b0; b < b1; ++b) {
+        unpack_block_u8<BITS>(row + b * 4 * BITS, q);
+        for (int m = 0; m < MM; ++m) {
+          const int8_t* xb = c.xq + m * Kp + b * kBlock;
+          int32_t dot = 0;
+          for (int i = 0; i < 32; ++i) dot += static_cast<int32_t>(q[i]) * xb[i];
+          part[m] += static_cast<float>(dot) * c.xd[m * geo.blocks + b];
+        }
+      }
+      for (int m = 0; m < MM; ++m) acc[m] += s[g] * part[m];
+    }
+    c.template finish_row<MM>(n, s.data(), z.data(), acc);
+  }
+}
+
+#if defined(SQ_AVX512) || defined(SQ_AVX2)
+// 32 codes (2-4 bits) as bytes, natural order
+template <int BITS>
+inline __m256i unpack_block_epu8(const uint8_t* p) {
+  if constexpr (BITS == 4) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    const __m128i low = _mm_set1_epi8(15);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), low), _mm_and_si128(b, low));
+  } else {
+    uint64_t v;
+    std::memcpy(&v, p, 8);  // 8-byte lane j of the broadcast, shifted by 2j: bits 2j..2j+1 of each byte = c[i + 8j]
+    __m256i w = _mm256_and_si256(_mm256_srlv_epi64(_mm256_set1_epi64x(static_cast<long long>(v)),
+                                                   _mm256_set_epi64x(6, 4, 2, 0)), _mm256_set1_epi8(3));
+    if constexpr (BITS == 3) {
+      uint32_t h;
+      std::memcpy(&h, p + 8, 4);
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+      w = _mm256_mask_add_epi8(w, static_cast<__mmask32>(h), w, _mm256_set1_epi8(4));  // bit 2 was 0
+#else
+      // byte i takes byte i / 8 of h, keeps bit i % 8: 0xFF where the high bit is set
+      const __m256i hb = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(h)),
+                                             _mm256_set_epi64x(0x0303030303030303LL, 0x0202020202020202LL,
+                                                               0x0101010101010101LL, 0));
+      const __m256i bit = _mm256_set1_epi64x(static_cast<long long>(0x8040201008040201ULL));
+      w = _mm256_or_si256(w, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hb, bit), bit),
+                                              _mm256_set1_epi8(4)));
+#endif
+    }
+    return w;
+  }
+}
+
+// 8 int32 sums of 4 products each of unsigned codes (<= 15) and signed int8 x (|x| <= 127): exact either way
+inline __m256i dot_u8s8(__m256i u, __m256i x) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, x);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1));  // pairs <= 3810: no saturation
+#endif
+}
+
+inline float hsum_ps256(__m256 v) {
+  __m128 t = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  t = _mm_add_ps(t, _mm_movehl_ps(t, t));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+
+template <int BITS, int MM>
+void gemv_q8_vec(const GemvCtx& c, int64_t n0, int64_t n1) {
+  const Geometry& geo = c.geo;
+  const int64_t Kp = geo.padded();
+  std::vector<float> s(geo.G), z(geo.G);
+  for (int64_t n = n0; n < n1; ++n) {
+    c.decode_row(n, s.data(), z.data());
+    const uint8_t* row = c.codes + n * c.row_bytes;
+    __m256 tot[MM];
+    for (int m = 0; m < MM; ++m) tot[m] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < geo.G; ++g) {
+      __m256 a[MM];
+      for (int m = 0; m < MM; ++m) a[m] = _mm256_setzero_ps();
+      const int64_t b0 = geo.block_start(g), b1 = b0 + geo.nblocks(g);
+      for (int64_t b = b0; b < b1; ++b) {
+        const __m256i u = unpack_block_epu8<BITS>(row + b * 4 * BITS);
+        for (int m = 0; m < MM; ++m) {
+          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c.xq + m * Kp + b * kBlock));
+          a[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(u, xv)), _mm256_set1_ps(c.xd[m * geo.blocks + b]),
+                                 a[m]);
+        }
+      }
+      const __m256 sv = _mm256_set1_ps(s[g]);
+      for (int m = 0; m < MM; ++m) tot[m] = _mm256_fmadd_ps(sv, a[m], tot[m]);
+    }
+    float acc[MM];
+    for (int m = 0; m < MM; ++m) acc[m] = hsum_ps256(tot[m]);
+    c.template finish_row<MM>(n, s.data(), z.data(), acc);
+  }
+}
+#endif
+
 template <int BITS, int MM>
 void gemv_rows(const GemvCtx& c, int64_t n0, int64_t n1) {
+  if constexpr (BITS <= 4) {
+    if (c.xq != nullptr) {
+#if defined(SQ_AVX512) || defined(SQ_AVX2)
+      if (!g_force_generic.load(std::memory_order_relaxed)) return gemv_q8_vec<BITS, MM>(c, n0, n1);
+#endif
+      return gemv_q8_generic<BITS, MM>(c, n0, n1);
+    }
+  }
 #ifdef SQ_AVX512BF16
   if constexpr (BITS <= 4) {
     if (c.xp16 != nullptr) return gemv_avx512bf16<BITS, MM>(c, n0, n1);
@@ -720,6 +849,36 @@ void prepare_x(const T* x, int64_t M, const Geometry& geo, P* xp, float* xsum) {
         sum += static_cast<float>(src[i]);
       }
       // padding was zero-initialised
+      xsum[m * geo.G + g] = sum;
+    }
+  }
+}
+
+// act8: x (M, K) into the padded fp32 layout, rounded per block of 32 to xq (int8) with scale xd (see gemv_q8_*);
+// xp then holds the rounded x~ = xd * xq (the outlier corrections use it) and xsum its group sums, so the kernel
+// computes the GEMV of x~ throughout. A block of zeros has scale 0.
+template <typename T>
+void prepare_x_q8(const T* x, int64_t M, const Geometry& geo, float* xp, float* xsum, int8_t* xq, float* xd) {
+  prepare_x(x, M, geo, xp, xsum);
+  const int64_t Kp = geo.padded();
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t b = 0; b < geo.blocks; ++b) {
+      float* v = xp + m * Kp + b * kBlock;
+      int8_t* q = xq + m * Kp + b * kBlock;
+      float amax = 0.f;
+      for (int i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(v[i]));
+      const float d = amax / 127.f;
+      xd[m * geo.blocks + b] = d;
+      for (int i = 0; i < kBlock; ++i) {
+        const float r = d > 0.f ? std::min(127.f, std::max(-127.f, std::nearbyint(v[i] / d))) : 0.f;
+        q[i] = static_cast<int8_t>(r);
+        v[i] = r * d;
+      }
+    }
+    for (int64_t g = 0; g < geo.G; ++g) {
+      const float* v = xp + m * Kp + geo.block_start(g) * kBlock;
+      float sum = 0.f;
+      for (int64_t i = 0; i < geo.nblocks(g) * kBlock; ++i) sum += v[i];
       xsum[m * geo.G + g] = sum;
     }
   }

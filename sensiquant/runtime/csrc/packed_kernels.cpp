@@ -17,7 +17,10 @@
 //
 // Ops (namespace torch.ops.sensiquant):
 //   packed_gemv(x (M, K), ...)   y = x @ W^T (+ bias), for small M (decode): per output row and group,
-//                                 scale * (sum_k q_k x_k - zero * sum_k x_k) accumulated in fp32.
+//                                 scale * (sum_k q_k x_k - zero * sum_k x_k) accumulated in fp32. act8 (2-4-bit
+//                                 codes): x rounded to int8 per block of 32 first, the code products summed in
+//                                 integers (AVX512-VNNI / AVX2 byte dot products): y = x~ @ W^T for that rounded x~.
+//                                 Ignored (the exact path) on CPUs without those (kAct8) and for 8-bit codes.
 //   packed_dequant(..., dtype)   the dense weight in dtype (prefill: one layer at a time), bit-equal to the reference;
 //   packed_dequant_into(out, ...) the same into a reused buffer (fresh large buffers cost page faults on every call).
 //   packed_outlier_deltas(...)   the fp32 corrections of CSR outliers (FP16 or fp32 values) that the ops above take.
@@ -100,7 +103,7 @@ at::Tensor packed_gemv(const at::Tensor& x, const at::Tensor& codes, int64_t bit
                        const at::Tensor& zero, const at::Tensor& zero_qscale, const at::Tensor& zero_qzero,
                        int64_t meta_group, const std::optional<at::Tensor>& out_delta,
                        const std::optional<at::Tensor>& out_col, const std::optional<at::Tensor>& out_ptr,
-                       const std::optional<at::Tensor>& bias) {
+                       const std::optional<at::Tensor>& bias, bool act8) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous (M, K) tensor");
   const auto xt = x.scalar_type();
   TORCH_CHECK(xt == at::kFloat || xt == at::kBFloat16 || xt == at::kHalf, "x must be float32, bfloat16 or float16");
@@ -110,12 +113,26 @@ at::Tensor packed_gemv(const at::Tensor& x, const at::Tensor& codes, int64_t bit
   check_common(codes, bits, geo);
   auto fopts = at::TensorOptions().dtype(at::kFloat);
   at::Tensor xs = at::empty({M, geo.G}, fopts);
+  act8 = act8 && bits <= 4 && kAct8;
   bool use_bf16 = false;
 #ifdef SQ_AVX512BF16
-  use_bf16 = xt == at::kBFloat16 && bits <= 4 && !g_force_generic.load();
+  use_bf16 = !act8 && xt == at::kBFloat16 && bits <= 4 && !g_force_generic.load();
 #endif
   at::Tensor xp = at::zeros({M, geo.padded()}, use_bf16 ? x.options() : fopts);
-  if (use_bf16) {
+  at::Tensor xq, xd;
+  if (act8) {
+    xq = at::empty({M, geo.padded()}, at::TensorOptions().dtype(at::kChar));
+    xd = at::empty({M, geo.blocks}, fopts);
+    int8_t* qp = xq.data_ptr<int8_t>();
+    float* dp = xd.data_ptr<float>();
+    switch (xt) {
+      case at::kFloat: prepare_x_q8(x.data_ptr<float>(), M, geo, xp.data_ptr<float>(), xs.data_ptr<float>(), qp, dp); break;
+      case at::kBFloat16:
+        prepare_x_q8(x.data_ptr<at::BFloat16>(), M, geo, xp.data_ptr<float>(), xs.data_ptr<float>(), qp, dp);
+        break;
+      default: prepare_x_q8(x.data_ptr<at::Half>(), M, geo, xp.data_ptr<float>(), xs.data_ptr<float>(), qp, dp); break;
+    }
+  } else if (use_bf16) {
     prepare_x(x.data_ptr<at::BFloat16>(), M, geo, xp.data_ptr<at::BFloat16>(), xs.data_ptr<float>());
   } else switch (xt) {
     case at::kFloat: prepare_x(x.data_ptr<float>(), M, geo, xp.data_ptr<float>(), xs.data_ptr<float>()); break;
@@ -148,7 +165,9 @@ at::Tensor packed_gemv(const at::Tensor& x, const at::Tensor& codes, int64_t bit
             xs.data_ptr<float>(),
             bias_f.defined() ? bias_f.data_ptr<float>() : nullptr,
             y.data_ptr<float>(),
-            M};
+            M,
+            act8 ? xq.data_ptr<int8_t>() : nullptr,
+            act8 ? xd.data_ptr<float>() : nullptr};
   at::parallel_for(0, N, grain_rows(geo.padded() * M), [&](int64_t n0, int64_t n1) { gemv_dispatch(bits, c, n0, n1); });
   if (xt == at::kFloat) return y;
   at::Tensor out = at::empty({M, N}, x.options());
@@ -336,7 +355,7 @@ TORCH_LIBRARY(sensiquant, m) {
   m.def(
       "packed_gemv(Tensor x, Tensor codes, int bits, int group_size, Tensor scale, Tensor scale_qscale, "
       "Tensor scale_qzero, Tensor zero, Tensor zero_qscale, Tensor zero_qzero, int meta_group, "
-      "Tensor? out_delta, Tensor? out_col, Tensor? out_ptr, Tensor? bias) -> Tensor",
+      "Tensor? out_delta, Tensor? out_col, Tensor? out_ptr, Tensor? bias, bool act8=False) -> Tensor",
       &packed_gemv);
   m.def(
       "packed_dequant(Tensor codes, int bits, int group_size, int in_features, Tensor scale, Tensor scale_qscale, "

@@ -1,8 +1,8 @@
 // The vector path of sensiquant/runtime/csrc/packed_core.h against its portable loops, without libtorch: built
 // with -DSQ_STANDALONE for this CPU, or cross-compiled (aarch64: NEON) and run under an emulator, by
 // tests/runtime/test_kernel_isas.py. Seeded random layers of 2/3/4/8-bit codes in the kernel layout, FP16 and 8-bit
-// scales/zeros, CSR outliers, 1-4 rows of x: GEMV within the fp32 rounding bound of the portable result, dense
-// dequantization to fp32/fp16/bf16 bit-equal. Prints "isa: NAME", one line per failure, then "N passed, M failed".
+// scales/zeros, CSR outliers, 1-4 rows of x (and x rounded to int8, act8): GEMV within the fp32 rounding bound of
+// the portable result, dense dequantization to fp32/fp16/bf16 bit-equal. Prints "isa: NAME", one line per failure, then "N passed, M failed".
 
 #include <cmath>
 #include <cstdio>
@@ -133,17 +133,26 @@ void fill_layer(Layer& L, std::mt19937& rng, bool meta8, double outlier_rate) {
   for (int64_t n = 0; n < N; ++n) L.bias.push_back(normal(rng));
 }
 
-void check_gemv(std::mt19937& rng, const Layer& L, int64_t M, const std::string& name) {
+// act8: x rounded to int8 per block (prepare_x_q8); both paths then compute the GEMV of that rounded x
+void check_gemv(std::mt19937& rng, const Layer& L, int64_t M, const std::string& name, bool act8 = false) {
   const Geometry& geo = L.geo;
   const int64_t Kp = geo.padded(), N = geo.N, K = geo.K;
   std::normal_distribution<float> normal(0.f, 1.f);
-  std::vector<float> x(M * K), xp(M * Kp, 0.f), xsum(M * geo.G), y_gen(M * N), y_vec(M * N);
+  std::vector<float> x(M * K), xp(M * Kp, 0.f), xsum(M * geo.G), y_gen(M * N), y_vec(M * N), xd(M * geo.blocks);
+  std::vector<int8_t> xq(M * Kp);
   for (auto& v : x) v = normal(rng);
-  prepare_x(x.data(), M, geo, xp.data(), xsum.data());
+  if (act8) {
+    prepare_x_q8(x.data(), M, geo, xp.data(), xsum.data(), xq.data(), xd.data());
+    for (int64_t m = 0; m < M; ++m)  // the bound below reads x: the rounded x the kernels compute with
+      for (int64_t k = 0; k < K; ++k) x[m * K + k] = xp[m * Kp + geo.position(k)];
+  } else {
+    prepare_x(x.data(), M, geo, xp.data(), xsum.data());
+  }
   for (int generic = 1; generic >= 0; --generic) {
     g_force_generic.store(generic == 1);
     GemvCtx c{geo, L.codes.data(), geo.blocks * 4 * L.bits, L.s, L.z, L.out, xp.data(), nullptr,
-              xsum.data(), L.bias.data(), generic ? y_gen.data() : y_vec.data(), M};
+              xsum.data(), L.bias.data(), generic ? y_gen.data() : y_vec.data(), M,
+              act8 ? xq.data() : nullptr, act8 ? xd.data() : nullptr};
     gemv_dispatch(L.bits, c, 0, N);
   }
   g_force_generic.store(false);
@@ -167,7 +176,8 @@ void check_gemv(std::mt19937& rng, const Layer& L, int64_t M, const std::string&
       worst = std::max(worst, err / tol);
     }
   }
-  report(worst <= 1.0, name + " gemv M=" + std::to_string(M) + " error/bound " + std::to_string(worst));
+  report(worst <= 1.0, name + (act8 ? " act8" : "") + " gemv M=" + std::to_string(M) + " error/bound " +
+                          std::to_string(worst));
 }
 
 template <typename T>
@@ -208,6 +218,7 @@ int main() {
         Layer L(sh.N, sh.K, sh.gs, bits);
         fill_layer(L, rng, meta8, 0.03);
         for (int64_t M = 1; M <= 4; ++M) check_gemv(rng, L, M, name);
+        if (bits <= 4) check_gemv(rng, L, 2, name, true);
         check_dequant<float>(L, name, "fp32");
         check_dequant<at::Half>(L, name, "fp16");
         check_dequant<at::BFloat16>(L, name, "bf16");
