@@ -5,10 +5,11 @@ llm-compressor 0.14.0.1 needs transformers <= 5.17 while sensiquant runs on 5.24
 environment (``bash bench/peers_llmcompressor_setup.sh``: system packages visible, torch 2.13.0 kept, transformers
 5.17 and llm-compressor installed inside); the harness runs this peer's settings with that interpreter. Both get
 the harness's calibration windows (WikiText-2 validation token ids, as everyone) and quantize the block linears
-(lm_head and the embeddings stay as they are). The model they return computes with the quantize-dequantized
-weights and is scored in fp32. Bits/param are those of compressed-tensors' ``pack-quantized`` checkpoint: codes
-packed densely into int32 along the row, one 16-bit scale per group, and for asymmetric schemes one zero point
-per group, packed densely along the output dimension.
+(lm_head and the embeddings stay as they are). The quantize-dequantized weights their model computes with are read
+out into a fresh base model (``_plain_model``), which is scored in fp32 (and in bf16 for zero-shot). Bits/param
+are those of compressed-tensors' ``pack-quantized`` checkpoint: codes packed densely into int32 along the row, one
+16-bit scale per group, and for asymmetric schemes one zero point per group, packed densely along the output
+dimension.
 
 Groups of 64: SmolLM2's 576-wide inputs are not a multiple of 128, and llm-compressor refuses groups that do not
 divide the row (it would need ``bypass_divisibility_checks`` and a runtime that pads).
@@ -68,6 +69,22 @@ def _packed_bits(out_f: int, in_f: int, bits: int, group: int, symmetric: bool) 
     return total
 
 
+@torch.no_grad()
+def _plain_model(quantized, ctx: PeerContext, names: list[str]):
+    """A fresh base model whose block linears hold the weights ``quantized`` computes with (its quantize-dequantize
+    forward read out on the identity: exact), so that the harness can score it like any transformers model.
+    llm-compressor leaves its model dispatched through compressed-tensors' offloading wrappers, whose parameters
+    ``.to(torch.bfloat16)`` does not reach: zero-shot scoring in bf16 failed on them with a dtype mismatch."""
+    model, _ = ctx.load_base()
+    for name in names:
+        layer = quantized.get_submodule(name)
+        y = layer(torch.eye(layer.in_features))  # (in, out): row k is W[:, k] (+ bias)
+        if layer.bias is not None:
+            y = y - layer.bias
+        model.get_submodule(name).weight.copy_(y.t())
+    return model.eval()
+
+
 def run_llmcompressor(setting: str, ctx: PeerContext) -> PeerRun:
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from datasets import Dataset
@@ -98,7 +115,7 @@ def run_llmcompressor(setting: str, ctx: PeerContext) -> PeerRun:
     model = oneshot(model=model, tokenizer=tok, dataset=data, recipe=modifier, max_seq_length=windows.shape[1],
                     num_calibration_samples=len(windows), shuffle_calibration_samples=False, pipeline="sequential")
     seconds = time.perf_counter() - start
-    model.eval()
+    model = _plain_model(model, ctx, names)
     params = total_bits = 0
     for name in names:
         out_f, in_f = model.get_submodule(name).weight.shape
