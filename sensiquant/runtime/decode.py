@@ -7,7 +7,7 @@ reads the model's own modules once (norm weights, projections: ``nn.Linear``, ``
 
 * keys and values go into preallocated tensors in the model dtype (as transformers' cache holds them; at batch 1
   attention reads the whole cache every step, so a bf16 cache halves the bytes it reads), written in place;
-  nothing is concatenated; scores and softmax are computed in fp32;
+  nothing is concatenated; the scores (a product in the cache dtype) are scaled and soft-maxed in fp32;
 * the query, key and value projections of a layer run as one fused product when the three layers allow it
   (:func:`sensiquant.runtime.fast.fuse_rows`), and so do the gate and up projections;
 * the rotary tables are computed once for the whole cache length;
