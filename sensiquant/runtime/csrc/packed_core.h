@@ -265,6 +265,9 @@ inline void unpack_block_ps8(const uint8_t* p, __m256 v[4]) {
   }
 }
 
+#endif
+
+#if defined(SQ_AVX512) || defined(SQ_AVX2)
 inline float hsum256(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -422,16 +425,26 @@ struct GemvCtx {
   }
 };
 
+// The row loop of every GEMV kernel: row n's scales and zeros decoded, ``dot(codes of row n, scales, acc)`` sets
+// acc[m] = sum_g scale[g] * sum_k q_k x[m, k] for each row of x, then the zero-point term, outliers, bias and store.
+template <int MM, typename Dot>
+inline void for_each_row(const GemvCtx& c, int64_t n0, int64_t n1, Dot&& dot) {
+  std::vector<float> s(c.geo.G), z(c.geo.G);
+  for (int64_t n = n0; n < n1; ++n) {
+    c.decode_row(n, s.data(), z.data());
+    float acc[MM] = {};
+    dot(c.codes + n * c.row_bytes, s.data(), acc);
+    c.template finish_row<MM>(n, s.data(), z.data(), acc);
+  }
+}
+
 template <int BITS, int MM>
 void gemv_generic(const GemvCtx& c, int64_t n0, int64_t n1) {
   const Geometry& geo = c.geo;
   const int64_t Kp = geo.padded();
-  std::vector<float> s(geo.G), z(geo.G);
   alignas(64) uint8_t q[32];
   alignas(64) float qf[32];
-  for (int64_t n = n0; n < n1; ++n) {
-    c.decode_row(n, s.data(), z.data());
-    const uint8_t* row = c.codes + n * c.row_bytes;
+  for_each_row<MM>(c, n0, n1, [&](const uint8_t* row, const float* s, float* acc) {
     alignas(64) float tot[MM][16] = {};
     for (int64_t g = 0; g < geo.G; ++g) {
       alignas(64) float part[MM][16] = {};
@@ -447,14 +460,12 @@ void gemv_generic(const GemvCtx& c, int64_t n0, int64_t n1) {
       for (int m = 0; m < MM; ++m)
         for (int i = 0; i < 16; ++i) tot[m][i] += s[g] * part[m][i];
     }
-    float acc[MM];
     for (int m = 0; m < MM; ++m) {
       float t = 0.f;
       for (int i = 0; i < 16; ++i) t += tot[m][i];
       acc[m] = t;
     }
-    c.template finish_row<MM>(n, s.data(), z.data(), acc);
-  }
+  });
 }
 
 #ifdef SQ_AVX512
@@ -462,10 +473,7 @@ template <int BITS, int MM>
 void gemv_avx512(const GemvCtx& c, int64_t n0, int64_t n1) {
   const Geometry& geo = c.geo;
   const int64_t Kp = geo.padded();
-  std::vector<float> s(geo.G), z(geo.G);
-  for (int64_t n = n0; n < n1; ++n) {
-    c.decode_row(n, s.data(), z.data());
-    const uint8_t* row = c.codes + n * c.row_bytes;
+  for_each_row<MM>(c, n0, n1, [&](const uint8_t* row, const float* s, float* acc) {
     __m512 tot[MM];
     for (int m = 0; m < MM; ++m) tot[m] = _mm512_setzero_ps();
     for (int64_t g = 0; g < geo.G; ++g) {
@@ -502,10 +510,8 @@ void gemv_avx512(const GemvCtx& c, int64_t n0, int64_t n1) {
         tot[m] = _mm512_fmadd_ps(sv, part, tot[m]);
       }
     }
-    float acc[MM];
     for (int m = 0; m < MM; ++m) acc[m] = _mm512_reduce_add_ps(tot[m]);
-    c.template finish_row<MM>(n, s.data(), z.data(), acc);
-  }
+  });
 }
 #endif
 
@@ -595,10 +601,7 @@ void gemv_vec(const GemvCtx& c, int64_t n0, int64_t n1) {
   constexpr int NA = MM <= 2 ? 4 : 2;  // independent accumulators per row of x: FMAs in flight, within the registers
   const Geometry& geo = c.geo;
   const int64_t Kp = geo.padded();
-  std::vector<float> s(geo.G), z(geo.G);
-  for (int64_t n = n0; n < n1; ++n) {
-    c.decode_row(n, s.data(), z.data());
-    const uint8_t* row = c.codes + n * c.row_bytes;
+  for_each_row<MM>(c, n0, n1, [&](const uint8_t* row, const float* s, float* acc) {
     V tot[MM];
     for (int m = 0; m < MM; ++m) tot[m] = Vec::zero();
     for (int64_t g = 0; g < geo.G; ++g) {
@@ -620,10 +623,8 @@ void gemv_vec(const GemvCtx& c, int64_t n0, int64_t n1) {
         tot[m] = Vec::fma(sv, part, tot[m]);
       }
     }
-    float acc[MM];
     for (int m = 0; m < MM; ++m) acc[m] = Vec::sum(tot[m]);
-    c.template finish_row<MM>(n, s.data(), z.data(), acc);
-  }
+  });
 }
 #endif
 
@@ -634,11 +635,8 @@ void gemv_avx512bf16(const GemvCtx& c, int64_t n0, int64_t n1) {
   const Geometry& geo = c.geo;
   const int64_t Kp = geo.padded();
   const __m512i lut = bf16_code_table();
-  std::vector<float> s(geo.G), z(geo.G);
   const uint16_t* x16 = reinterpret_cast<const uint16_t*>(c.xp16);
-  for (int64_t n = n0; n < n1; ++n) {
-    c.decode_row(n, s.data(), z.data());
-    const uint8_t* row = c.codes + n * c.row_bytes;
+  for_each_row<MM>(c, n0, n1, [&](const uint8_t* row, const float* s, float* acc) {
     __m512 tot[MM];
     for (int m = 0; m < MM; ++m) tot[m] = _mm512_setzero_ps();
     for (int64_t g = 0; g < geo.G; ++g) {
@@ -665,10 +663,8 @@ void gemv_avx512bf16(const GemvCtx& c, int64_t n0, int64_t n1) {
       const __m512 sv = _mm512_set1_ps(s[g]);
       for (int m = 0; m < MM; ++m) tot[m] = _mm512_fmadd_ps(sv, _mm512_add_ps(a0[m], a1[m]), tot[m]);
     }
-    float acc[MM];
     for (int m = 0; m < MM; ++m) acc[m] = _mm512_reduce_add_ps(tot[m]);
-    c.template finish_row<MM>(n, s.data(), z.data(), acc);
-  }
+  });
 }
 #endif
 
@@ -688,12 +684,8 @@ template <int BITS, int MM>
 void gemv_q8_generic(const GemvCtx& c, int64_t n0, int64_t n1) {
   const Geometry& geo = c.geo;
   const int64_t Kp = geo.padded();
-  std::vector<float> s(geo.G), z(geo.G);
   alignas(64) uint8_t q[32];
-  for (int64_t n = n0; n < n1; ++n) {
-    c.decode_row(n, s.data(), z.data());
-    const uint8_t* row = c.codes + n * c.row_bytes;
-    float acc[MM] = {};
+  for_each_row<MM>(c, n0, n1, [&](const uint8_t* row, const float* s, float* acc) {
     for (int64_t g = 0; g < geo.G; ++g) {
       float part[MM] = {};
       const int64_t b0 = geo.block_start(g), b1 = b0 + geo.nblocks(g);
@@ -708,8 +700,7 @@ void gemv_q8_generic(const GemvCtx& c, int64_t n0, int64_t n1) {
       }
       for (int m = 0; m < MM; ++m) acc[m] += s[g] * part[m];
     }
-    c.template finish_row<MM>(n, s.data(), z.data(), acc);
-  }
+  });
 }
 
 #if defined(SQ_AVX512) || defined(SQ_AVX2)
@@ -753,20 +744,13 @@ inline __m256i dot_u8s8(__m256i u, __m256i x) {
 #endif
 }
 
-inline float hsum_ps256(__m256 v) {
-  __m128 t = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  t = _mm_add_ps(t, _mm_movehl_ps(t, t));
-  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
-}
-
 template <int BITS, int MM>
 void gemv_q8_vec(const GemvCtx& c, int64_t n0, int64_t n1) {
   const Geometry& geo = c.geo;
-  const int64_t Kp = geo.padded();
-  std::vector<float> s(geo.G), z(geo.G);
-  for (int64_t n = n0; n < n1; ++n) {
-    c.decode_row(n, s.data(), z.data());
-    const uint8_t* row = c.codes + n * c.row_bytes;
+  const int64_t Kp = geo.padded(), blocks = geo.blocks;
+  const int8_t* xq = c.xq;
+  const float* xd = c.xd;
+  for_each_row<MM>(c, n0, n1, [&](const uint8_t* row, const float* s, float* acc) {
     __m256 tot[MM];
     for (int m = 0; m < MM; ++m) tot[m] = _mm256_setzero_ps();
     for (int64_t g = 0; g < geo.G; ++g) {
@@ -776,18 +760,15 @@ void gemv_q8_vec(const GemvCtx& c, int64_t n0, int64_t n1) {
       for (int64_t b = b0; b < b1; ++b) {
         const __m256i u = unpack_block_epu8<BITS>(row + b * 4 * BITS);
         for (int m = 0; m < MM; ++m) {
-          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c.xq + m * Kp + b * kBlock));
-          a[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(u, xv)), _mm256_set1_ps(c.xd[m * geo.blocks + b]),
-                                 a[m]);
+          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * Kp + b * kBlock));
+          a[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(u, xv)), _mm256_set1_ps(xd[m * blocks + b]), a[m]);
         }
       }
       const __m256 sv = _mm256_set1_ps(s[g]);
       for (int m = 0; m < MM; ++m) tot[m] = _mm256_fmadd_ps(sv, a[m], tot[m]);
     }
-    float acc[MM];
-    for (int m = 0; m < MM; ++m) acc[m] = hsum_ps256(tot[m]);
-    c.template finish_row<MM>(n, s.data(), z.data(), acc);
-  }
+    for (int m = 0; m < MM; ++m) acc[m] = hsum256(tot[m]);
+  });
 }
 #endif
 
